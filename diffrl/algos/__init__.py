@@ -1,0 +1,1 @@
+"""Learners (PPO, GRPO), flow-matching pre-training, and the training loop."""

@@ -1,0 +1,125 @@
+"""What PPO and GRPO share: TorchRL's clipped surrogate plus a KL to the reference policy, and the update loop.
+
+TorchRL's ``ClipPPOLoss`` gives the clipped importance-ratio objective (and, for PPO, the critic
+loss) from a precomputed ``advantage``; it has no KL to a *reference* policy (``KLPENPPOLoss``
+penalises the distance to the behaviour policy, which is something else), so `RefKLClipPPOLoss` adds
+``β · KL(π_θ(·|s_t) ‖ π_ref(·|s_t))``. Both policies are Gaussians with the SDE's std, so the KL is
+closed-form: ‖μ_θ − μ_ref‖² / (2σ²).
+
+A subclass defines ``advantages(batch, rewards)`` (and may add a critic); `Learner.update` takes one
+iteration's rollout ``[B, T]``, keeps the RL-window steps, and runs ``epochs`` passes of minibatches.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import nn
+from torchrl.objectives import ClipPPOLoss
+
+from diffrl.config import AlgoConfig
+from diffrl.policies.actor import LOG_PROB_KEY, OBSERVATION_KEYS, SDEPolicyNet
+from diffrl.policies.sde import kl_to_reference
+
+
+class RefKLClipPPOLoss(ClipPPOLoss):
+    """``ClipPPOLoss`` + ``kl_coef · KL(π_θ ‖ π_ref)`` (as ``loss_kl``, with ``kl_ref`` logged)."""
+
+    def __init__(self, actor, critic=None, *, reference: SDEPolicyNet, kl_coef: float, log_prob_reduce: str, **kwargs):
+        super().__init__(actor, critic, functional=False, entropy_bonus=False, **kwargs)
+        self.set_keys(sample_log_prob=LOG_PROB_KEY)
+        self._reference = (reference,)  # a tuple, so its weights are not this module's parameters
+        self.kl_coef = kl_coef
+        self.log_prob_reduce = log_prob_reduce
+        self._dist = None
+
+    def _get_cur_log_prob(self, tensordict, params=None):
+        log_prob, dist, is_composite = super()._get_cur_log_prob(tensordict, params)
+        self._dist = dist  # kept for the KL term: the current mean and std at these states
+        return log_prob, dist, is_composite
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        out = super().forward(tensordict)
+        dist, self._dist = self._dist, None
+        (reference,) = self._reference
+        with torch.no_grad():
+            ref_mean, _ = reference(*(tensordict[k] for k in OBSERVATION_KEYS))
+        kl = kl_to_reference(dist.loc, ref_mean, dist.scale)  # [N]
+        if self.log_prob_reduce == "mean":
+            kl = kl / dist.loc[0].numel()
+        out.set("kl_ref", kl.mean().detach())
+        out.set("loss_kl", self.kl_coef * kl.mean())
+        return out
+
+
+class Learner:
+    """The update loop shared by the clipped-surrogate learners."""
+
+    name = "base"
+
+    def __init__(self, policy: SDEPolicyNet, reference: SDEPolicyNet, actor, cfg: AlgoConfig, critic=None):
+        self.policy = policy
+        self.cfg = cfg
+        self.critic = critic
+        self.loss = RefKLClipPPOLoss(
+            actor,
+            critic,
+            reference=reference,
+            kl_coef=cfg.kl_coef,
+            log_prob_reduce=cfg.log_prob_reduce,
+            clip_epsilon=cfg.clip_epsilon,
+            critic_coeff=cfg.critic_coef if critic is not None else None,
+            loss_critic_type="l2",
+        )
+        groups = [{"params": [p for p in policy.generator.denoiser.parameters() if p.requires_grad], "lr": cfg.lr}]
+        if critic is not None:
+            groups.append({"params": list(critic.parameters()), "lr": cfg.critic_lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """What a checkpoint must hold to continue: the policy weights and, for PPO, the critic."""
+        modules = {"denoiser": self.policy.generator.denoiser}
+        if self.critic is not None:
+            modules["critic"] = self.critic
+        return modules
+
+    def advantages(self, batch: TensorDict, rewards: torch.Tensor) -> torch.Tensor:
+        """Advantage per window transition [N] (batch: [N] window transitions, rewards: [N])."""
+        raise NotImplementedError
+
+    def window_batch(self, rollout: TensorDictBase) -> TensorDict:
+        """[B, T] rollout → [B·W] transitions of the RL window, each with its sample's terminal reward."""
+        window = self.policy.window_steps
+        rewards = rollout["next", "reward"][:, -1, 0]  # [B] the terminal reward
+        keys = [*OBSERVATION_KEYS, "action", LOG_PROB_KEY]
+        batch = rollout[:, :window].select(*keys).reshape(-1)  # [B·W]
+        batch.set("reward", rewards.repeat_interleave(window))
+        return batch
+
+    def update(self, rollout: TensorDictBase) -> dict[str, float]:
+        batch = self.window_batch(rollout)
+        with torch.no_grad():
+            advantage = self.advantages(batch, batch["reward"])
+        batch.set("advantage", advantage.unsqueeze(-1))
+        batch.set("value_target", batch["reward"].unsqueeze(-1))
+        logs: dict[str, list[float]] = defaultdict(list)
+        n = batch.shape[0]
+        for _ in range(self.cfg.epochs):
+            order = torch.randperm(n)
+            for start in range(0, n, self.cfg.minibatch_size):
+                minibatch = batch[order[start : start + self.cfg.minibatch_size]]
+                out = self.loss(minibatch)
+                total = sum(v for k, v in out.items() if k.startswith("loss_"))
+                self.optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+                self.optimizer.step()
+                for key, value in out.items():
+                    logs[key].append(float(value))
+                logs["grad_norm"].append(float(grad_norm))
+        result = {key: sum(values) / len(values) for key, values in logs.items()}
+        result["advantage_abs"] = float(advantage.abs().mean())
+        return result

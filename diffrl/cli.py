@@ -1,0 +1,207 @@
+"""The ``diffrl`` command: train, eval, pretrain, list.
+
+Errors a user can cause (unknown name, bad layout file, bad config key, missing weights) print one
+line on stderr and exit with code 2; tracebacks are for diffrl's own bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from diffrl.errors import UserError
+from diffrl.layout import LayoutError
+
+EPILOG_OVERRIDES = "Any config field can be overridden as section.field=value, e.g. algo.lr=1e-4 env.group_size=8."
+
+
+def _registries():
+    import diffrl.algos.trainer  # noqa: F401  (imports every registered class)
+    from diffrl.registry import ALL
+
+    return ALL
+
+
+def _names(registry) -> str:
+    return ", ".join(registry.names())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from diffrl.config import field_help
+    from diffrl.registry import ALGOS, DATASETS, ENVS, MODELS, REWARDS
+
+    _registries()
+    parser = argparse.ArgumentParser(prog="diffrl", description="RL fine-tuning of layout-to-image generators.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,pretrain,list}")
+
+    keys = "\n".join(f"  {key} = {default!r}  — {help}" for key, default, help in field_help())
+    train = sub.add_parser(
+        "train", help="fine-tune a generator with RL",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"{EPILOG_OVERRIDES}\nConfig keys (default — meaning):\n{keys}",
+    )
+    train.add_argument("--env", help=f"environment ({_names(ENVS)})")
+    train.add_argument("--data", help=f"layouts: a dataset ({_names(DATASETS)}) or a .jsonl file")
+    train.add_argument("--model", help=f"generator: {_names(MODELS)} or a local folder")
+    train.add_argument("--reward", help=f"reward ({_names(REWARDS)})")
+    train.add_argument("--algo", help=f"learner ({_names(ALGOS)})")
+    train.add_argument("--iterations", type=int, help="training iterations")
+    train.add_argument("--seed", type=int, help="random seed")
+    train.add_argument("--out", help="run folder (default runs/<algo>-<time>)")
+    train.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
+    train.add_argument("--config", metavar="FILE.yaml", help="config file; flags and overrides win over it")
+    train.add_argument("--device", help="cpu, cuda, cuda:1 …")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("overrides", nargs="*", metavar="section.field=value")
+
+    ev = sub.add_parser("eval", help="ISR / mIoU per level of a generator or a run")
+    source = ev.add_mutually_exclusive_group()
+    source.add_argument("--model", help=f"generator: {_names(MODELS)} or a local folder (default shapes-tiny)")
+    source.add_argument("--checkpoint", metavar="RUN", help="a run folder: its model with its last checkpoint")
+    ev.add_argument("--data", default="shapes", help="shapes (a held-out set) or a .jsonl file of layouts")
+    ev.add_argument("--levels", type=int, nargs="+", default=[2, 3, 4, 5, 6], help="Shapes levels (instance counts)")
+    ev.add_argument("--layouts", type=int, default=250, help="how many Shapes layouts")
+    ev.add_argument("--seed", type=int, default=1234, help="seed of the held-out set and its noise")
+    ev.add_argument("--reward", default="shapes", help=f"scorer ({_names(REWARDS)})")
+    ev.add_argument("--steps", type=int, default=10, help="sampling steps")
+    ev.add_argument("--out", help="where to write eval.json (default: beside the checkpoint, else stdout only)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    pre = sub.add_parser("pretrain", help="train the tiny Shapes generator from scratch by flow matching")
+    pre.add_argument("--data", default="shapes", help="only 'shapes' (rendered pairs)")
+    pre.add_argument("--out", default="runs/pretrain", help="folder for the generator")
+    pre.add_argument("--steps", type=int, default=4000, help="optimiser steps")
+    pre.add_argument("--batch-size", type=int, default=64, help="pairs per step")
+    pre.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3], help="instance counts to train on")
+    pre.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    pre.add_argument("--seed", type=int, default=0, help="random seed")
+    pre.add_argument("--eval-every", type=int, default=1000, help="steps between quick evaluations (0: none)")
+
+    sub.add_parser("list", help="print every registry")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from diffrl.algos.trainer import train
+    from diffrl.config import build_config, load_yaml, parse_override
+
+    yaml_data = {}
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.yaml").is_file():
+            raise UserError(f"--resume {run}: no config.yaml there; pass the folder of an earlier run")
+        yaml_data = load_yaml(run / "config.yaml")
+    if args.config:
+        yaml_data.update(load_yaml(args.config))
+    flags = {"env.name": args.env, "env.data": args.data, "model.name": args.model, "reward.name": args.reward,
+             "algo.name": args.algo, "iterations": args.iterations, "seed": args.seed, "out": args.out,
+             "model.device": args.device}
+    if args.resume:
+        flags["out"] = args.resume
+    overrides = [(k, v) for k, v in flags.items() if v is not None] + [parse_override(o) for o in args.overrides]
+    cfg = build_config(yaml_data, overrides)
+    from diffrl.registry import ALGOS, ENVS, REWARDS
+
+    for registry, name in ((ENVS, cfg.env.name), (REWARDS, cfg.reward.name), (ALGOS, cfg.algo.name)):
+        registry.get(name)  # fail before any work on an unknown name
+    run = train(cfg, resume=bool(args.resume), progress=not args.quiet)
+    summary = json.loads((run / "summary.json").read_text())
+    print(_summary_table(summary))
+    print(f"run folder: {run}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from diffrl.envs.datasets import make_source
+    from diffrl.eval.evaluate import evaluate, held_out_layouts
+    from diffrl.layout import read_jsonl
+    from diffrl.policies.generator import load_generator
+    from diffrl.registry import REWARDS
+
+    reward = REWARDS.get(args.reward)()
+    out = Path(args.out) if args.out else None
+    if args.checkpoint:
+        from diffrl.algos.checkpoint import latest_checkpoint
+        from diffrl.config import load_yaml
+        from safetensors.torch import load_file
+
+        run = Path(args.checkpoint)
+        ckpt = latest_checkpoint(run / "checkpoints")
+        if ckpt is None or not (run / "config.yaml").is_file():
+            raise UserError(f"--checkpoint {run}: no config.yaml and checkpoints/ there; pass a run folder")
+        generator = load_generator(load_yaml(run / "config.yaml")["model"]["name"])
+        weights = {k[len("denoiser."):]: v for k, v in load_file(str(ckpt)).items() if k.startswith("denoiser.")}
+        generator.denoiser.load_state_dict(weights)
+        out = out or run / "eval.json"
+    else:
+        generator = load_generator(args.model or "shapes-tiny")
+    if args.data == "shapes":
+        make_source("shapes", args.levels, seed=args.seed)  # checks the levels
+        layouts = held_out_layouts(args.layouts, args.levels, args.seed)
+    else:
+        if not Path(args.data).is_file():
+            raise UserError(f"--data {args.data}: no such file")
+        layouts = read_jsonl(args.data)
+    metrics, _ = evaluate(generator, reward, layouts, num_steps=args.steps, seed=args.seed, progress=not args.quiet)
+    print(_metrics_table(metrics))
+    if out:
+        out.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from diffrl.algos.pretrain import PretrainConfig, pretrain
+
+    if args.data != "shapes":
+        raise UserError("diffrl pretrain trains the embedded Shapes generator: only --data shapes is supported")
+    cfg = PretrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, levels=tuple(args.levels),
+                         lr=args.lr, seed=args.seed, eval_every=args.eval_every)
+    print(f"saved generator to {pretrain(cfg)}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    for registry in _registries():
+        print(f"{registry.kind} ({registry.flag}): {_names(registry)}")
+    return 0
+
+
+def _metrics_table(m: dict) -> str:
+    lines = ["level   ISR     mIoU    instances"]
+    for level, v in m["per_level"].items():
+        lines.append(f"{level:<7} {v['isr']:.3f}   {v['miou']:.3f}   {v.get('instances', '')}")
+    lines.append(f"{'all':<7} {m['isr']:.3f}   {m['miou']:.3f}   reward {m['reward']:.3f}")
+    return "\n".join(lines)
+
+
+def _summary_table(s: dict) -> str:
+    b, f = s["base"], s["final"]
+    return (f"            ISR     mIoU    reward\nbase        {b['isr']:.3f}   {b['miou']:.3f}   {b['reward']:.3f}\n"
+            f"final       {f['isr']:.3f}   {f['miou']:.3f}   {f['reward']:.3f}\n"
+            f"({s['iterations']} iterations, {s['wall_seconds']:.0f} s, {s['eval_layouts']} held-out layouts)")
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "list": cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return COMMANDS[args.command](args)
+    except (UserError, LayoutError) as err:
+        print(f"diffrl: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffrl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

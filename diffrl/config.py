@@ -1,0 +1,223 @@
+"""Run configuration: nested dataclasses, each field with a one-line help and a sane default.
+
+A config is built from defaults, then a YAML file (``--config``), then the CLI's named flags, then
+``section.field=value`` overrides — later wins. Every run writes the resolved result to its
+``config.yaml``. Unknown keys and values of the wrong type are user errors (one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from diffrl.errors import UserError
+
+
+def option(default: Any, help: str):
+    """A dataclass field with its help line (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = option("shapes-tiny", "--model: a registered generator name or a generator folder")
+    device: str = option("cpu", "device for generator, env and learner (cpu, cuda, cuda:1)")
+
+
+@dataclass
+class EnvConfig:
+    name: str = option("layout", "--env: the environment")
+    data: str = option("shapes", "--data: a dataset name or a JSONL file of layouts")
+    levels: list = option([2, 3, 4, 5, 6], "Shapes levels (instance counts) to train on")
+    layouts_per_iter: int = option(16, "distinct layouts per iteration")
+    group_size: int = option(4, "samples per layout (GRPO groups)")
+    num_steps: int = option(10, "denoising steps per image")
+    shift: float = option(1.0, "flow-time shift of the sampling schedule (SD3 uses 3.0 at 1024 px)")
+
+
+@dataclass
+class PolicyConfig:
+    noise_level: float = option(0.7, "SDE noise level a in σ_t = a·sqrt(t/(1−t))")
+    window: float = option(0.2, "fraction of denoising steps, from the start, that RL explores and trains (I-DRUID: 0.2)")
+
+
+@dataclass
+class AlgoConfig:
+    name: str = option("ppo", "--algo: the learner")
+    lr: float = option(3e-5, "learning rate of the generator")
+    epochs: int = option(1, "passes over each iteration's transitions")
+    minibatch_size: int = option(32, "transitions per gradient step")
+    clip_epsilon: float = option(0.2, "PPO ratio clip ζ")
+    kl_coef: float = option(0.01, "weight of KL(π_θ ‖ π_ref) to the initial policy")
+    log_prob_reduce: str = option("sum", "log-prob over latent dims: sum (exact density) or mean (Flow-GRPO)")
+    max_grad_norm: float = option(1.0, "gradient-norm clip")
+    critic_lr: float = option(1e-3, "PPO: learning rate of the critic φ")
+    critic_coef: float = option(1.0, "PPO: weight of the critic loss (φ(s_t) − r)²")
+    normalize_advantage: bool = option(True, "standardise advantages over each iteration's batch")
+
+
+@dataclass
+class RewardConfig:
+    name: str = option("shapes", "--reward: the reward model")
+
+
+@dataclass
+class EvalConfig:
+    layouts: int = option(250, "held-out layouts for the base/final evaluation (spread evenly over levels)")
+    levels: list = option([2, 3, 4, 5, 6], "levels of the held-out set")
+    seed: int = option(1234, "seed of the held-out set and of its initial noise")
+    batch_size: int = option(125, "images per evaluation batch")
+    grid: int = option(16, "images in the before/after sample grids")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    iterations: int = option(60, "training iterations (rollout + update each)")
+    seed: int = option(0, "seed of data order, noise and initialisation")
+    out: str = option("", "run folder (default runs/<algo>-<time>)")
+    checkpoint_every: int = option(10, "iterations between checkpoints")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def field_help(cls=TrainConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every leaf field."""
+    rows = []
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += field_help(type(value), f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", value, f.metadata.get("help", "")))
+    return rows
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    kind = get_origin(annotation) or annotation
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config {key}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"config {key}: expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"config {key}: expected a number, got {value!r}")
+    if kind is str:
+        return str(value)
+    if kind is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, (int, float, str)):
+            return [value]
+        raise UserError(f"config {key}: expected a list, got {value!r}")
+    return value
+
+
+def set_value(cfg, key: str, value: Any) -> None:
+    """Set ``section.field`` (or a top-level field) on a config, checking the key and the type."""
+    target, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(target)]
+        if part not in names:
+            valid = [k for k, _, _ in field_help()]
+            close = difflib.get_close_matches(key, valid, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; `diffrl train --help` lists every key"
+            raise UserError(f"unknown config key {key!r}{hint}")
+        if i == len(parts) - 1:
+            annotation = get_type_hints(type(target))[part]
+            if dataclasses.is_dataclass(getattr(target, part)):
+                if not isinstance(value, dict):
+                    raise UserError(f"config {key}: expected a mapping of its fields")
+                for sub, sub_value in value.items():
+                    set_value(cfg, f"{key}.{sub}", sub_value)
+            else:
+                setattr(target, part, _coerce(key, value, annotation))
+        else:
+            target = getattr(target, part)
+            if not dataclasses.is_dataclass(target):
+                raise UserError(f"unknown config key {key!r}: {'.'.join(parts[: i + 1])} has no fields")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``algo.lr=1e-4`` → ("algo.lr", 1e-4); the value is read as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise UserError(f"override {text!r} must look like section.field=value (e.g. algo.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of config sections")
+    return data
+
+
+def build_config(yaml_data: dict | None = None, overrides: list[tuple[str, Any]] = ()) -> TrainConfig:
+    cfg = TrainConfig()
+    for key, value in (yaml_data or {}).items():
+        set_value(cfg, key, value)
+    for key, value in overrides:
+        set_value(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that span fields; each failure names the key and what would be valid."""
+    if cfg.iterations < 0:
+        raise UserError("config iterations: must be ≥ 0")
+    if not 0 < cfg.policy.window <= 1:
+        raise UserError(f"config policy.window: must be in (0, 1], got {cfg.policy.window}")
+    if cfg.policy.noise_level <= 0:
+        raise UserError(f"config policy.noise_level: must be > 0 for RL to explore, got {cfg.policy.noise_level}")
+    if cfg.env.num_steps < 1 or cfg.env.layouts_per_iter < 1 or cfg.env.group_size < 1:
+        raise UserError("config env.num_steps, env.layouts_per_iter and env.group_size must be ≥ 1")
+    if cfg.algo.name == "grpo" and cfg.env.group_size < 2:
+        raise UserError("config env.group_size: GRPO compares samples of one layout, so it needs ≥ 2")
+    if cfg.algo.log_prob_reduce not in ("sum", "mean"):
+        raise UserError(f"config algo.log_prob_reduce: 'sum' or 'mean', got {cfg.algo.log_prob_reduce!r}")
+
+
+def window_steps(cfg: TrainConfig) -> int:
+    """How many of the first denoising steps RL explores and trains (at least one)."""
+    return max(1, round(cfg.policy.window * cfg.env.num_steps))
+
+
+def save_yaml(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

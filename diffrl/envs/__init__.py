@@ -1,0 +1,1 @@
+"""Environments: the denoising process as a TorchRL env, and the layout sources it draws from."""

@@ -1,0 +1,1 @@
+"""Evaluation: COCO-MIG metrics, the evaluation loop, pictures."""

@@ -1,0 +1,1 @@
+"""The Shapes world: sampler, palette, renderer and exact detector (below envs and rewards)."""
