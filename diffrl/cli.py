@@ -121,6 +121,13 @@ def cmd_eval(args) -> int:
     from diffrl.registry import REWARDS
 
     reward = REWARDS.get(args.reward)()
+    if args.data == "shapes":
+        make_source("shapes", args.levels, seed=args.seed)  # checks the levels
+        layouts = held_out_layouts(args.layouts, args.levels, args.seed)
+    else:
+        if not Path(args.data).is_file():
+            raise UserError(f"--data {args.data}: no such file")
+        layouts = read_jsonl(args.data)
     out = Path(args.out) if args.out else None
     if args.checkpoint:
         from diffrl.algos.checkpoint import latest_checkpoint
@@ -137,13 +144,6 @@ def cmd_eval(args) -> int:
         out = out or run / "eval.json"
     else:
         generator = load_generator(args.model or "shapes-tiny")
-    if args.data == "shapes":
-        make_source("shapes", args.levels, seed=args.seed)  # checks the levels
-        layouts = held_out_layouts(args.layouts, args.levels, args.seed)
-    else:
-        if not Path(args.data).is_file():
-            raise UserError(f"--data {args.data}: no such file")
-        layouts = read_jsonl(args.data)
     metrics, _ = evaluate(generator, reward, layouts, num_steps=args.steps, seed=args.seed, progress=not args.quiet)
     print(_metrics_table(metrics))
     if out:

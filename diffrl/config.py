@@ -53,7 +53,7 @@ class AlgoConfig:
     name: str = option("ppo", "--algo: the learner")
     lr: float = option(3e-5, "learning rate of the generator")
     epochs: int = option(1, "passes over each iteration's transitions")
-    minibatch_size: int = option(32, "transitions per gradient step")
+    minibatch_size: int = option(64, "samples of one denoising step per gradient step (≥ batch: the whole step)")
     clip_epsilon: float = option(0.2, "PPO ratio clip ζ")
     kl_coef: float = option(0.01, "weight of KL(π_θ ‖ π_ref) to the initial policy")
     log_prob_reduce: str = option("sum", "log-prob over latent dims: sum (exact density) or mean (Flow-GRPO)")

@@ -90,36 +90,39 @@ class Learner:
         raise NotImplementedError
 
     def window_batch(self, rollout: TensorDictBase) -> TensorDict:
-        """[B, T] rollout → [B·W] transitions of the RL window, each with its sample's terminal reward."""
+        """[B, T] rollout → [B, W] transitions of the RL window, each with its sample's terminal reward."""
         window = self.policy.window_steps
         rewards = rollout["next", "reward"][:, -1, 0]  # [B] the terminal reward
         keys = [*OBSERVATION_KEYS, "action", LOG_PROB_KEY]
-        batch = rollout[:, :window].select(*keys).reshape(-1)  # [B·W]
-        batch.set("reward", rewards.repeat_interleave(window))
+        batch = rollout[:, :window].select(*keys).clone()  # [B, W]
+        batch.set("reward", rewards[:, None].expand(-1, window).clone())
         return batch
 
     def update(self, rollout: TensorDictBase) -> dict[str, float]:
-        batch = self.window_batch(rollout)
+        """Epochs over the window steps in random order; a minibatch never mixes denoising steps and keeps
+        the rollout's sample order, so with ``minibatch_size ≥ B`` the first pass recomputes exactly the
+        rollout's forward and the importance ratio is exactly 1."""
+        batch = self.window_batch(rollout)  # [B, W]
         with torch.no_grad():
-            advantage = self.advantages(batch, batch["reward"])
+            flat = batch.reshape(-1)
+            advantage = self.advantages(flat, flat["reward"]).reshape(batch.shape)
         batch.set("advantage", advantage.unsqueeze(-1))
         batch.set("value_target", batch["reward"].unsqueeze(-1))
         logs: dict[str, list[float]] = defaultdict(list)
-        n = batch.shape[0]
+        b, window = batch.shape
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         for _ in range(self.cfg.epochs):
-            order = torch.randperm(n)
-            for start in range(0, n, self.cfg.minibatch_size):
-                minibatch = batch[order[start : start + self.cfg.minibatch_size]]
-                out = self.loss(minibatch)
-                total = sum(v for k, v in out.items() if k.startswith("loss_"))
-                self.optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                params = [p for group in self.optimizer.param_groups for p in group["params"]]
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-                self.optimizer.step()
-                for key, value in out.items():
-                    logs[key].append(float(value))
-                logs["grad_norm"].append(float(grad_norm))
+            for step in torch.randperm(window).tolist():
+                for start in range(0, b, self.cfg.minibatch_size):
+                    out = self.loss(batch[start : start + self.cfg.minibatch_size, step])
+                    total = sum(v for k, v in out.items() if k.startswith("loss_"))
+                    self.optimizer.zero_grad(set_to_none=True)
+                    total.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+                    self.optimizer.step()
+                    for key, value in out.items():
+                        logs[key].append(float(value.detach()))
+                    logs["grad_norm"].append(float(grad_norm))
         result = {key: sum(values) / len(values) for key, values in logs.items()}
         result["advantage_abs"] = float(advantage.abs().mean())
         return result

@@ -34,6 +34,7 @@ from diffrl.eval.evaluate import evaluate, held_out_layouts
 from diffrl.eval.visualize import save_grid
 from diffrl.policies.actor import SDEPolicyNet, make_actor
 from diffrl.policies.generator import LayoutGenerator, load_generator
+from diffrl.policies.text import ConditionStore
 from diffrl.registry import ALGOS, ENVS, REWARDS
 
 
@@ -48,20 +49,20 @@ def frozen_copy(generator: LayoutGenerator) -> LayoutGenerator:
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    started_run = time.time()
     run = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     if not resume and run.exists() and any(run.iterdir()):
         raise UserError(f"run folder {run} is not empty: pass another --out, or --resume {run} to continue it")
+    # Everything a user can get wrong is checked before the run folder is touched.
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.model.device)
+    source = make_source(cfg.env.data, cfg.env.levels, seed=cfg.seed)
+    reward = REWARDS.get(cfg.reward.name)()
+    env_cls, algo_cls = ENVS.get(cfg.env.name), ALGOS.get(cfg.algo.name)
+    generator = load_generator(cfg.model.name).to(device)
     run.mkdir(parents=True, exist_ok=True)
     cfg.out = str(run)
     save_yaml(cfg, run / "config.yaml")
-    torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.model.device)
-
-    generator = load_generator(cfg.model.name).to(device)
-    reward = REWARDS.get(cfg.reward.name)()
-    source = make_source(cfg.env.data, cfg.env.levels, seed=cfg.seed)
-    env_cls = ENVS.get(cfg.env.name)
-    from diffrl.policies.text import ConditionStore
 
     store = ConditionStore()
     env = env_cls(
@@ -73,7 +74,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     policy = SDEPolicyNet(generator, store, cfg.policy.noise_level, window)
     reference = SDEPolicyNet(frozen_copy(generator), store, cfg.policy.noise_level, window)
     actor = make_actor(policy, env.action_spec, cfg.algo.log_prob_reduce)
-    learner = ALGOS.get(cfg.algo.name)(policy, reference, actor, cfg.algo)
+    learner = algo_cls(policy, reference, actor, cfg.algo)
 
     eval_set = held_out_layouts(cfg.eval.layouts, cfg.eval.levels, cfg.eval.seed)
     eval_kwargs = dict(num_steps=cfg.env.num_steps, shift=cfg.env.shift, batch_size=cfg.eval.batch_size,
@@ -95,7 +96,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(run / "tb"))
-    started = time.time()
     bar = tqdm(range(start_iteration, cfg.iterations), desc=f"train {cfg.algo.name}", disable=not progress,
                initial=start_iteration, total=cfg.iterations)
     with open(run / "metrics.jsonl", "a") as metrics_file:
@@ -128,10 +128,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     rng["data"] = source.state_dict()["generator"]
                 save_checkpoint(checkpoints, iteration + 1, learner.trainable_modules(), learner.optimizer, rng)
                 (run / "base.json").write_text(
-                    json.dumps({**base, "wall_seconds_so_far": wall_before + time.time() - started}, indent=2) + "\n"
+                    json.dumps({**base, "wall_seconds_so_far": wall_before + time.time() - started_run}, indent=2) + "\n"
                 )
     writer.close()
-    train_seconds = time.time() - started
 
     final, final_images = evaluate(generator, reward, eval_set, desc="eval final", **eval_kwargs)
     save_grid(run / "samples_after.png", final_images[: cfg.eval.grid], eval_set[: cfg.eval.grid])
@@ -139,7 +138,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         "base": base,
         "final": final,
         "iterations": cfg.iterations,
-        "wall_seconds": wall_before + train_seconds,
+        "wall_seconds": wall_before + time.time() - started_run,  # this process plus earlier ones of a resumed run
         "eval_layouts": len(eval_set),
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

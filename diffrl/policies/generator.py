@@ -93,7 +93,10 @@ class LayoutGenerator(nn.Module):
         index = json.loads(index_file.read_text())
         if index.get("_class_name") != CLASS_NAME:
             raise UserError(f"{path}/model_index.json is for {index.get('_class_name')!r}, not a diffrl generator")
-        transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer")
+        from transformers.utils import logging as hf_logging
+
+        transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", low_cpu_mem_usage=False)
+        hf_logging.disable_progress_bar()  # one tiny file: a bar is noise
         text_model = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder")
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
         adapter = load_adapter(path / "layout_adapter")

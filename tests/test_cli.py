@@ -1,0 +1,93 @@
+"""The command line: user errors are one line and exit 2; a short run leaves every artefact."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from diffrl.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "diffrl.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_unknown_registry_name_is_one_line_listing_the_valid_ones():
+    result = run_cli("train", "--reward", "nope")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "unknown reward 'nope'" in lines[0] and "shapes" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_layout_file_names_the_line_and_exits_2(tmp_path, capsys):
+    data = tmp_path / "layouts.jsonl"
+    good = {"prompt": "a red square", "phrases": ["red square"], "boxes": [[0.1, 0.1, 0.4, 0.4]]}
+    bad = {"prompt": "a red square", "phrases": ["red square"], "boxes": [[0.5, 0.1, 0.2, 0.4]]}
+    data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "layouts.jsonl:2:" in err[0] and "boxes[0]" in err[0] and "x1" in err[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "algo.nope=1"], "unknown config key 'algo.nope'"),
+        (["train", "algo.lr=fast"], "config algo.lr: expected a number"),
+        (["train", "--model", "/no/such/model"], "not a registered model"),
+        (["train", "--data", "missing.jsonl"], "no such file"),
+        (["train", "--config", "missing.yaml"], "no such file"),
+        (["eval", "--levels", "9"], "levels must be among"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_code_2(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_help_lists_valid_names_and_config_keys(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for expected in ("learner (grpo, ppo)", "reward (shapes)", "environment (layout)", "algo.kl_coef", "policy.window"):
+        assert expected in out
+
+
+def test_list_prints_every_registry(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for line in ("env (--env): layout", "reward (--reward): shapes", "algo (--algo): grpo, ppo", "model (--model): shapes-tiny"):
+        assert line in out
+
+
+def test_a_short_run_leaves_config_metrics_events_checkpoints_grids_and_summary(tmp_path, saved_generator):
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump({"env": {"layouts_per_iter": 2, "group_size": 2, "num_steps": 4},
+                                      "eval": {"layouts": 10, "batch_size": 5, "grid": 4}}))
+    run = tmp_path / "run"
+    code = main(["train", "--model", str(saved_generator), "--algo", "grpo", "--iterations", "2", "--out", str(run),
+                 "--config", str(config), "--quiet", "checkpoint_every=1", "algo.kl_coef=0.05"])
+    assert code == 0
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["algo"]["name"] == "grpo" and resolved["algo"]["kl_coef"] == 0.05 and resolved["env"]["num_steps"] == 4
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["iteration"] for l in lines] == [1, 2]
+    for key in ("reward_mean", "reward_std", "loss_objective", "kl_ref", "clip_fraction", "seconds"):
+        assert all(key in l for l in lines)
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-000001.safetensors", "checkpoint-000002.safetensors"]
+    for name in ("samples_before.png", "samples_after.png"):
+        assert (run / name).stat().st_size > 1000
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["iterations"] == 2 and summary["eval_layouts"] == 10 and summary["wall_seconds"] > 0
+    for block in (summary["base"], summary["final"]):
+        assert 0 <= block["isr"] <= 1 and 0 <= block["miou"] <= 1
+        assert set(block["per_level"]) == {"L2", "L3", "L4", "L5", "L6"}
+    # the same folder is not overwritten by accident
+    assert main(["train", "--model", str(saved_generator), "--out", str(run)]) == 2

@@ -1,0 +1,97 @@
+"""LayoutEnv passes TorchRL's spec check; the actor's log-probs are exact and on-policy ratios are 1."""
+
+import torch
+from torchrl.envs.utils import ExplorationType, check_env_specs, set_exploration_type
+
+from diffrl.algos.grpo import GRPO
+from diffrl.algos.trainer import frozen_copy
+from diffrl.config import AlgoConfig
+from diffrl.envs.datasets import ShapesLayouts
+from diffrl.envs.layout_env import LayoutEnv
+from diffrl.policies.actor import LOG_PROB_KEY, SDEPolicyNet, make_actor
+from diffrl.policies.sde import flow_sde_step
+from diffrl.policies.text import ConditionStore
+from diffrl.rewards import ShapesReward
+
+
+def make(generator, layouts=2, group=3, steps=5, window=2, seed=0):
+    store = ConditionStore()
+    env = LayoutEnv(generator, ShapesReward(), ShapesLayouts([2, 3], seed=seed), store,
+                    layouts_per_reset=layouts, group_size=group, num_steps=steps, seed=seed)
+    policy = SDEPolicyNet(generator, store, noise_level=0.7, window_steps=window)
+    return env, policy, make_actor(policy, env.action_spec), store
+
+
+def test_env_passes_check_env_specs(tiny_generator):
+    env, *_ = make(tiny_generator)
+    check_env_specs(env)
+
+
+def test_rollout_shapes_terminal_reward_and_no_text_in_tensordict(tiny_generator):
+    env, policy, actor, store = make(tiny_generator)
+    with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+        rollout = env.rollout(5, actor, auto_reset=True)
+    assert rollout.shape == (6, 5)
+    reward = rollout["next", "reward"][..., 0]
+    assert torch.all(reward[:, :-1] == 0) and torch.all(reward[:, -1] > 0)
+    assert rollout["next", "done"][:, -1].all() and not rollout["next", "done"][:, :-1].any()
+    # only an index points at the conditioning; groups share their layout
+    assert torch.equal(rollout["layout_index"][:, 0], torch.tensor([0, 0, 0, 1, 1, 1]))
+    big = [k for k, v in rollout.items(True, True) if v.ndim >= 3 and v.shape[-1] == 64]
+    assert big == [], f"text embeddings leaked into the tensordict: {big}"
+    assert len(store.layouts) == 2
+    # steps after the RL window are deterministic (log-prob 0), window steps are stochastic
+    assert torch.all(rollout[LOG_PROB_KEY][:, 2:] == 0) and torch.all(rollout[LOG_PROB_KEY][:, :2] != 0)
+
+
+def test_actor_log_prob_is_the_sde_step_log_prob_and_ratio_is_one(tiny_generator):
+    env, policy, actor, store = make(tiny_generator)
+    with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+        rollout = env.rollout(5, actor, auto_reset=True)
+        step0 = rollout[:, 0]
+        cond = store[step0["layout_index"]]
+        v = tiny_generator.velocity(step0["latent"], step0["sigma"], cond)
+        rescored = flow_sde_step(v, step0["sigma"], step0["sigma_next"], step0["latent"], 0.7, prev_sample=step0["action"])
+        torch.testing.assert_close(rescored.log_prob, step0[LOG_PROB_KEY], rtol=1e-5, atol=1e-3)
+        dist = actor.get_dist(step0.clone())
+        assert torch.equal(dist.log_prob(step0["action"]), step0[LOG_PROB_KEY])  # ratio exactly 1
+
+
+def test_deterministic_exploration_is_the_ode_sampler(tiny_generator):
+    env, policy, actor, store = make(tiny_generator, window=0)
+    with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
+        a = env.rollout(5, actor, auto_reset=True)
+    env.set_seed(0)
+    env.source = ShapesLayouts([2, 3], seed=0)
+    with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+        b = env.rollout(5, actor, auto_reset=True)
+    assert torch.equal(a["next", "latent"], b["next", "latent"])
+
+
+def test_unchanged_policy_rescored_by_the_learner_has_ratio_exactly_one_and_zero_kl(tiny_generator):
+    env, policy, actor, store = make(tiny_generator)
+    reference = SDEPolicyNet(frozen_copy(tiny_generator), store, 0.7, 2)
+    learner = GRPO(policy, reference, actor, AlgoConfig(lr=0.0, minibatch_size=1000, kl_coef=0.1))
+    with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+        rollout = env.rollout(5, actor, auto_reset=True)
+    logs = learner.update(rollout)
+    assert logs["max_ratio"] == 1.0 and logs["mean_ratio"] == 1.0 and logs["clip_fraction"] == 0.0
+    assert logs["kl_ref"] == 0.0
+
+
+def test_an_update_moves_the_policy_away_from_the_reference(tiny_generator):
+    import copy
+
+    generator = copy.deepcopy(tiny_generator)
+    env, policy, actor, store = make(generator)
+    reference = SDEPolicyNet(frozen_copy(generator), store, 0.7, 2)
+    learner = GRPO(policy, reference, actor, AlgoConfig(lr=1e-3, minibatch_size=1000, kl_coef=0.1))
+    before = [p.clone() for p in generator.denoiser.parameters()]
+    with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+        rollout = env.rollout(5, actor, auto_reset=True)
+    learner.update(rollout)
+    changed = sum(not torch.equal(a, b) for a, b in zip(before, generator.denoiser.parameters()))
+    assert changed > 0
+    with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+        rollout = env.rollout(5, actor, auto_reset=True)
+    assert learner.update(rollout)["kl_ref"] > 0
