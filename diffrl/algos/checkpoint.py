@@ -66,6 +66,8 @@ def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer: torch.
         if key.startswith("optimizer."):
             _, pid, field = key.split(".", 2)
             state.setdefault(int(pid), {})[field] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+              for group in json.loads(meta["param_groups"])]  # JSON made tuples (betas) into lists
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
     rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
     return int(meta["iteration"]), rng

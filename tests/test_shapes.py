@@ -1,0 +1,129 @@
+"""The Shapes world and its exact detector reward, against hand-computed answers."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffrl.eval.metrics import instance_metrics
+from diffrl.layout import Layout, LayoutError
+from diffrl.rewards import ShapesReward
+from diffrl.shapes.detector import detect
+from diffrl.shapes.world import GRID, render, sample_layouts, shape_mask
+
+
+def layout(*instances):
+    phrases = [p for p, _ in instances]
+    return Layout(" and ".join(phrases), phrases, [b for _, b in instances])
+
+
+def test_sampler_is_deterministic_levels_and_boxes_apart_on_the_grid():
+    a = sample_layouts(60, [2, 4, 6], seed=3)
+    assert a == sample_layouts(60, [2, 4, 6], seed=3)
+    assert a != sample_layouts(60, [2, 4, 6], seed=4)
+    assert {l.n for l in a} == {2, 4, 6}
+    balanced = sample_layouts(9, [1, 2, 3], seed=0, balanced=True)
+    assert [l.n for l in balanced] == [1, 2, 3] * 3
+    for l in a:
+        for i, b in enumerate(l.boxes):
+            assert all(abs(v * GRID - round(v * GRID)) < 1e-9 for v in b)
+            for c in l.boxes[i + 1:]:
+                assert b[2] <= c[0] or c[2] <= b[0] or b[3] <= c[1] or c[3] <= b[1]
+
+
+def test_shape_masks_have_the_expected_areas():
+    box = torch.tensor([[0.25, 0.25, 0.75, 0.75]])  # 16×16 px at size 32
+    assert shape_mask("square", box, 32).sum() == 256
+    assert shape_mask("circle", box, 32).sum().item() / 256 == pytest.approx(np.pi / 4, abs=0.03)
+    assert shape_mask("triangle", box, 32).sum().item() / 256 == pytest.approx(0.5, abs=0.04)
+
+
+def test_ground_truth_renders_succeed_everywhere():
+    layouts = sample_layouts(40, [1, 2, 3, 4, 5, 6], seed=1)
+    d = detect(render(layouts), layouts)
+    assert d.success[d.mask].all()
+    square = torch.tensor([[p.endswith("square") for p in l.phrases] + [False] * (6 - l.n) for l in layouts])
+    assert torch.all(d.iou[square] == 1) and torch.all(d.confidence[square] == 1)
+
+
+def test_shifted_object_gives_the_hand_computed_iou():
+    target = layout(("red square", (0.25, 0.25, 0.5, 0.5)))  # 8×8 px
+    drawn = layout(("red square", (0.375, 0.25, 0.625, 0.5)))  # moved right by 4 px
+    d = detect(render([drawn]), [target])
+    assert d.iou[0, 0].item() == pytest.approx(32 / (64 + 64 - 32))  # overlap 4×8 = 32 px
+    assert d.color_ok[0, 0] and d.shape_ok[0, 0] and not d.success[0, 0]  # IoU 1/3 < 0.5
+    slightly = layout(("red square", (0.28125, 0.25, 0.53125, 0.5)))  # moved by 1 px: IoU 56/72
+    d = detect(render([slightly]), [target])
+    assert d.iou[0, 0].item() == pytest.approx(56 / 72) and d.success[0, 0]
+
+
+def test_wrong_colour_and_wrong_shape_fail():
+    box = (0.25, 0.25, 0.75, 0.75)
+    target = layout(("red square", box))
+    d = detect(render([layout(("blue square", box))]), [target])
+    assert not d.color_ok[0, 0] and not d.success[0, 0] and d.iou[0, 0] == 0 and d.confidence[0, 0] == 0
+    d = detect(render([layout(("red circle", box))]), [target])
+    assert d.color_ok[0, 0] and not d.shape_ok[0, 0] and not d.success[0, 0]
+    assert d.iou[0, 0] == 1 and d.confidence[0, 0].item() == pytest.approx(np.pi / 4, abs=0.03)
+
+
+def test_same_colour_instances_are_matched_one_to_one():
+    a, b = (0.0625, 0.0625, 0.3125, 0.3125), (0.5, 0.5, 0.8125, 0.8125)
+    target = layout(("green circle", b), ("green circle", a))
+    d = detect(render([layout(("green circle", a), ("green circle", b))]), [target])
+    assert d.success[0].all()
+    torch.testing.assert_close(d.boxes[0], torch.tensor([b, a]))
+    # only one object drawn: exactly one instance can claim it
+    d = detect(render([layout(("green circle", a))]), [target])
+    assert d.success[0].tolist() == [False, True]
+
+
+def test_reward_is_the_per_instance_mean_of_iou_plus_confidence():
+    a, b = (0.0, 0.0, 0.25, 0.25), (0.5, 0.5, 0.75, 0.75)
+    target = layout(("white square", a), ("black square", b))
+    out = ShapesReward()(render([layout(("white square", a))]), [target])  # the black square is missing
+    assert out.rewards.item() == pytest.approx((1 + 1 + 0 + 0) / 2)
+    assert ShapesReward(normalize=False)(render([target]), [target]).rewards.item() == pytest.approx(4.0)
+    assert out.info["iou"].shape == (1, 2) and out.info["success"].tolist() == [[True, False]]
+
+
+def test_phrases_outside_the_world_are_a_clear_error():
+    with pytest.raises(LayoutError, match="not in the Shapes world"):
+        ShapesReward()(torch.zeros(1, 3, 32, 32), [layout(("purple dog", (0.1, 0.1, 0.5, 0.5)))])
+
+
+def test_reward_rejects_images_outside_the_contract():
+    target = layout(("red square", (0.1, 0.1, 0.5, 0.5)))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        ShapesReward()(torch.zeros(3, 32, 32), [target])
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        ShapesReward()(torch.full((1, 3, 32, 32), 255.0), [target])
+    with pytest.raises(ValueError, match="1 images but 2 layouts"):
+        ShapesReward()(torch.zeros(1, 3, 32, 32), [target, target])
+
+
+def test_ddpo_signature_accepts_numpy_and_pil_and_matches_the_tensor_path():
+    layouts = sample_layouts(3, [2, 3], seed=5)
+    images = render(layouts)
+    expected = ShapesReward()(images, layouts).rewards
+    fn = ShapesReward().as_ddpo_fn()
+    uint8 = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    metadata = [{"layout": l.to_dict()} for l in layouts]
+    for batch in (uint8, [Image.fromarray(im) for im in uint8], images):
+        rewards, info = fn(batch, [l.prompt for l in layouts], metadata)
+        torch.testing.assert_close(rewards, expected, atol=1e-6, rtol=0)
+        assert rewards.dtype == torch.float32 and "iou" in info
+
+
+def test_isr_and_miou_per_level_by_hand():
+    # image 0 (L2): one success (IoU .8), one colour failure (IoU .6 counts 0)
+    # image 1 (L1): one shape failure (IoU .9 counts 0)
+    success = torch.tensor([[True, False], [False, False]])
+    iou = torch.tensor([[0.8, 0.6], [0.9, 0.0]])
+    attr_ok = torch.tensor([[True, False], [False, False]])
+    mask = torch.tensor([[True, True], [True, False]])
+    m = instance_metrics(success, iou, attr_ok, mask, [2, 1])
+    assert m["isr"] == pytest.approx(1 / 3) and m["miou"] == pytest.approx(0.8 / 3)
+    assert m["per_level"]["L2"] == {"isr": 0.5, "miou": pytest.approx(0.4), "instances": 2}
+    assert m["per_level"]["L1"] == {"isr": 0.0, "miou": 0.0, "instances": 1}
+    assert list(m["per_level"]) == ["L1", "L2"]
