@@ -79,3 +79,15 @@ def test_checkpoint_roundtrip_is_atomic_and_restores_weights_optimizer_and_rng(t
 def test_adapter_config_roundtrip():
     cfg = LayoutAdapterConfig(dim=16, phrase_dim=8, num_blocks=2, num_heads=2)
     assert LayoutAdapter(LayoutAdapterConfig(**cfg.to_dict())).config == cfg
+
+
+def test_text_cache_serves_a_batch_larger_than_the_cache(tiny_generator):
+    from diffrl.policies.text import TextEncoder
+
+    small = TextEncoder(tiny_generator.text.tokenizer, tiny_generator.text.model, cache_size=2)
+    texts = ["a red square", "a blue circle", "a green triangle", "a red square"]
+    hidden, pooled = small.encode(texts)
+    full_hidden, full_pooled = tiny_generator.text.encode(texts)
+    torch.testing.assert_close(hidden, full_hidden)
+    torch.testing.assert_close(pooled, full_pooled)
+    assert len(small._cache) == 2

@@ -69,12 +69,12 @@ class TextEncoder:
             out = self.model(input_ids=tokens["input_ids"])
             for i, text in enumerate(missing):
                 self._cache[text] = (out.last_hidden_state[i], out.text_embeds[i])
-                if len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
         hidden = torch.stack([self._cache[t][0] for t in texts])
         pooled = torch.stack([self._cache[t][1] for t in texts])
         for t in texts:
             self._cache.move_to_end(t)
+        while len(self._cache) > self.cache_size:  # evict only after this batch is served
+            self._cache.popitem(last=False)
         return hidden, pooled
 
     def encode_layouts(self, layouts: Sequence[Layout]) -> Conditioning:
