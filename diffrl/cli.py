@@ -28,13 +28,20 @@ def _names(registry) -> str:
     return ", ".join(registry.names())
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (a UserError), like every other user error."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diffrl.config import field_help
     from diffrl.registry import ALGOS, DATASETS, ENVS, MODELS, REWARDS
 
     _registries()
-    parser = argparse.ArgumentParser(prog="diffrl", description="RL fine-tuning of layout-to-image generators.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,pretrain,list}")
+    parser = Parser(prog="diffrl", description="RL fine-tuning of layout-to-image generators.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,pretrain,list}", parser_class=Parser)
 
     keys = "\n".join(f"  {key} = {default!r}  — {help}" for key, default, help in field_help())
     train = sub.add_parser(
@@ -78,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     pre.add_argument("--seed", type=int, default=0, help="random seed")
     pre.add_argument("--eval-every", type=int, default=1000, help="steps between quick evaluations (0: none)")
+    pre.add_argument("--init", default="", help="continue from this generator folder instead of a fresh model")
 
     sub.add_parser("list", help="print every registry")
     return parser
@@ -155,10 +163,12 @@ def cmd_eval(args) -> int:
 def cmd_pretrain(args) -> int:
     from diffrl.algos.pretrain import PretrainConfig, pretrain
 
+    if args.init and not (Path(args.init) / "model_index.json").is_file():
+        raise UserError(f"--init {args.init}: not a generator folder (no model_index.json)")
     if args.data != "shapes":
         raise UserError("diffrl pretrain trains the embedded Shapes generator: only --data shapes is supported")
     cfg = PretrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, levels=tuple(args.levels),
-                         lr=args.lr, seed=args.seed, eval_every=args.eval_every)
+                         lr=args.lr, seed=args.seed, eval_every=args.eval_every, init=args.init)
     print(f"saved generator to {pretrain(cfg)}")
     return 0
 
@@ -190,7 +200,13 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "lis
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+        unknown = [e for e in extra if e not in overrides]
+        if unknown or (overrides and args.command != "train"):
+            parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+        if args.command == "train":
+            args.overrides = args.overrides + overrides
         if args.command is None:
             parser.print_help()
             return 2

@@ -3,7 +3,8 @@
 Few-instance layouts only (L1–L3 by default), so that RL later has real headroom on many-instance
 layouts — the cross-scenario gap I-DRUID targets. AdamW with warm-up and cosine decay, gradient
 clipping, and an exponential moving average of the weights, which is what gets saved.
-The result is a generator folder (`LayoutGenerator.save_pretrained`) that ``--model`` accepts.
+The result is a generator folder (`LayoutGenerator.save_pretrained`) that ``--model`` accepts;
+``--init`` continues from such a folder (a new warm-up and cosine schedule).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from diffrl.algos.sft import flow_matching_loss
 from diffrl.eval.evaluate import evaluate, held_out_layouts
 from diffrl.policies.backbones.tiny import build_tiny_generator
+from diffrl.policies.generator import LayoutGenerator
 from diffrl.rewards.shapes import ShapesReward
 from diffrl.shapes.world import render, sample_layouts
 
@@ -38,12 +40,13 @@ class PretrainConfig:
     eval_every: int = 1000  # steps between quick evaluations (0: none)
     eval_layouts: int = 120  # held-out L1–L3 layouts for those evaluations
     num_steps: int = 10  # sampling steps used by the evaluations
+    init: str = ""  # continue from this generator folder instead of a fresh model
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    model = build_tiny_generator(seed=cfg.seed)
+    model = LayoutGenerator.from_pretrained(cfg.init) if cfg.init else build_tiny_generator(seed=cfg.seed)
     ema = copy.deepcopy(model.denoiser).requires_grad_(False)
     params = list(model.denoiser.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)

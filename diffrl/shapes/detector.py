@@ -27,7 +27,7 @@ from torch import Tensor
 from diffrl.layout import Layout
 from diffrl.shapes.world import BACKGROUND, COLORS, SHAPES, parse_phrase, shape_mask
 
-COLOR_TOLERANCE = 0.3
+COLOR_TOLERANCE = 0.4
 MIN_COMPONENT_PIXELS = 3
 _PALETTE = torch.tensor([*COLORS.values(), BACKGROUND])  # [C+1, 3]; the last row is the background
 _COLOR_INDEX = {name: i for i, name in enumerate(COLORS)}
