@@ -91,3 +91,18 @@ def test_a_short_run_leaves_config_metrics_events_checkpoints_grids_and_summary(
         assert set(block["per_level"]) == {"L2", "L3", "L4", "L5", "L6"}
     # the same folder is not overwritten by accident
     assert main(["train", "--model", str(saved_generator), "--out", str(run)]) == 2
+
+
+def test_pretrain_writes_a_generator_folder_that_eval_and_train_accept(tmp_path, capsys):
+    out = tmp_path / "pretrained"
+    assert main(["pretrain", "--out", str(out), "--steps", "3", "--batch-size", "4", "--eval-every", "0"]) == 0
+    log = json.loads((out / "pretrain.json").read_text())
+    assert log["config"]["steps"] == 3 and (out / "layout_adapter" / "model.safetensors").is_file()
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(out), "--layouts", "10", "--levels", "2", "3", "--steps", "2",
+                 "--out", str(report), "--quiet"]) == 0
+    metrics = json.loads(report.read_text())
+    assert set(metrics["per_level"]) == {"L2", "L3"} and sum(v["instances"] for v in metrics["per_level"].values()) == 25
+    assert 0 <= metrics["isr"] <= 1 and 0 <= metrics["reward"] <= 2
+    assert "L2" in capsys.readouterr().out
+    assert main(["pretrain", "--out", str(tmp_path / "again"), "--steps", "1", "--init", str(tmp_path / "nothing")]) == 2

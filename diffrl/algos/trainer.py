@@ -48,6 +48,14 @@ def frozen_copy(generator: LayoutGenerator) -> LayoutGenerator:
     return LayoutGenerator(denoiser, generator.text, generator.space)
 
 
+def _truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop metric lines written after the checkpoint a resumed run continues from (their work is redone),
+    and a last line torn by a kill (no newline)."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines(keepends=True) if line.endswith("\n") and line.strip()]
+        path.write_text("".join(line for line in lines if json.loads(line)["iteration"] <= iteration))
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     started_run = time.time()
     run = Path(cfg.out) if cfg.out else default_run_dir(cfg)
@@ -88,6 +96,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         source.load_state_dict({"generator": rng["data"]})
         base = json.loads((run / "base.json").read_text())
         wall_before = base.pop("wall_seconds_so_far", 0.0)
+        _truncate_metrics(run / "metrics.jsonl", start_iteration)
     else:
         base, base_images = evaluate(generator, reward, eval_set, desc="eval base", **eval_kwargs)
         save_grid(run / "samples_before.png", base_images[: cfg.eval.grid], eval_set[: cfg.eval.grid])
