@@ -91,3 +91,24 @@ def test_text_cache_serves_a_batch_larger_than_the_cache(tiny_generator):
     torch.testing.assert_close(hidden, full_hidden)
     torch.testing.assert_close(pooled, full_pooled)
     assert len(small._cache) == 2
+
+
+def test_reference_copy_keeps_its_own_grounding(tiny_generator):
+    """The frozen reference (a deepcopy) must run *its own* adapter: same output at first, independent after."""
+    import copy
+
+    from diffrl.algos.trainer import frozen_copy
+
+    generator = copy.deepcopy(tiny_generator)
+    for fuser in generator.denoiser.adapter.fusers:  # open the gates so grounding matters
+        fuser.gate_attn.data.fill_(0.5)
+    reference = frozen_copy(generator)
+    cond = generator.encode_layouts(sample_layouts(2, [3], seed=1))
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.9, 0.4])
+    with torch.no_grad():
+        torch.testing.assert_close(reference.velocity(x, t, cond), generator.velocity(x, t, cond), rtol=0, atol=0)
+        before = generator.velocity(x, t, cond)
+        for fuser in reference.denoiser.adapter.fusers:
+            fuser.gate_attn.fill_(0.0)
+        assert torch.equal(generator.velocity(x, t, cond), before)  # the policy is untouched
+        assert not torch.allclose(reference.velocity(x, t, cond), before)  # the reference lost its grounding

@@ -104,6 +104,29 @@ class GatedFuser(nn.Module):
         return x + torch.tanh(self.gate_dense).to(x.dtype) * self.ff(self.norm2(x))
 
 
+class FuserHook:
+    """The pre-hook of block i: fuse the adapter's active grounding into the block's image tokens.
+
+    An object rather than a closure so that ``copy.deepcopy`` of a backbone together with its adapter
+    (the frozen reference policy) gives hooks that point at the *copied* adapter.
+    """
+
+    def __init__(self, adapter: "LayoutAdapter", index: int):
+        self.adapter = adapter
+        self.index = index
+
+    def __call__(self, module, args, kwargs):
+        if self.adapter._active is None:
+            return None
+        grounding, key_mask = self.adapter._active
+        fuser = self.adapter.fusers[self.index]
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = fuser(kwargs["hidden_states"], grounding, key_mask)
+        else:  # gradient checkpointing passes positionally
+            args = (fuser(args[0], grounding, key_mask), *args[1:])
+        return args, kwargs
+
+
 class LayoutAdapter(nn.Module):
     """Grounding tokens plus one gated fuser per transformer block, attached by pre-hooks."""
 
@@ -122,22 +145,8 @@ class LayoutAdapter(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = [
-            block.register_forward_pre_hook(self._hook(fuser), with_kwargs=True)
-            for block, fuser in zip(blocks, self.fusers)
+            block.register_forward_pre_hook(FuserHook(self, i), with_kwargs=True) for i, block in enumerate(blocks)
         ]
-
-    def _hook(self, fuser: GatedFuser):
-        def pre_hook(module, args, kwargs):
-            if self._active is None:
-                return None
-            grounding, key_mask = self._active
-            if "hidden_states" in kwargs:
-                kwargs["hidden_states"] = fuser(kwargs["hidden_states"], grounding, key_mask)
-            else:  # gradient checkpointing passes positionally
-                args = (fuser(args[0], grounding, key_mask), *args[1:])
-            return args, kwargs
-
-        return pre_hook
 
     @contextlib.contextmanager
     def grounding(self, phrase_embeds: Tensor, boxes: Tensor, instance_mask: Tensor, grid: tuple[int, int]):
