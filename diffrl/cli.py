@@ -14,6 +14,7 @@ from pathlib import Path
 from diffrl.errors import UserError
 from diffrl.layout import LayoutError
 
+REWARD_MODEL_HELP = "gdino/cycle detector: local folder, hub id or 'shapes' (default IDEA-Research/grounding-dino-tiny)"
 EPILOG_OVERRIDES = "Any config field can be overridden as section.field=value, e.g. algo.lr=1e-4 env.group_size=8."
 
 
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--env", help=f"environment ({_names(ENVS)})")
     train.add_argument("--data", help=f"layouts: a dataset ({_names(DATASETS)}) or a .jsonl file")
     train.add_argument("--model", help=f"generator: {_names(MODELS)} or a local folder")
-    train.add_argument("--reward", help=f"reward ({_names(REWARDS)})")
+    train.add_argument("--reward", help=f"reward ({_names(REWARDS)}), or weighted parts: gdino=1,cycle=0.5")
+    train.add_argument("--reward-model", metavar="DIR|HUB_ID", help=REWARD_MODEL_HELP)
     train.add_argument("--algo", help=f"learner ({_names(ALGOS)})")
     train.add_argument("--iterations", type=int, help="training iterations")
     train.add_argument("--seed", type=int, help="random seed")
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--levels", type=int, nargs="+", default=[2, 3, 4, 5, 6], help="Shapes levels (instance counts)")
     ev.add_argument("--layouts", type=int, default=250, help="how many Shapes layouts")
     ev.add_argument("--seed", type=int, default=1234, help="seed of the held-out set and its noise")
-    ev.add_argument("--reward", default="shapes", help=f"scorer ({_names(REWARDS)})")
+    ev.add_argument("--reward", default="shapes", help=f"scorer ({_names(REWARDS)}), or parts: gdino=1,cycle=0.5")
+    ev.add_argument("--reward-model", metavar="DIR|HUB_ID", help=REWARD_MODEL_HELP)
     ev.add_argument("--steps", type=int, default=10, help="sampling steps")
     ev.add_argument("--out", help="where to write eval.json (default: beside the checkpoint, else stdout only)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -104,16 +107,19 @@ def cmd_train(args) -> int:
     if args.config:
         yaml_data.update(load_yaml(args.config))
     flags = {"env.name": args.env, "env.data": args.data, "model.name": args.model, "reward.name": args.reward,
+             "reward.model": args.reward_model,
              "algo.name": args.algo, "iterations": args.iterations, "seed": args.seed, "out": args.out,
              "model.device": args.device}
     if args.resume:
         flags["out"] = args.resume
     overrides = [(k, v) for k, v in flags.items() if v is not None] + [parse_override(o) for o in args.overrides]
     cfg = build_config(yaml_data, overrides)
-    from diffrl.registry import ALGOS, ENVS, REWARDS
+    from diffrl.registry import ALGOS, ENVS
+    from diffrl.rewards import parse_reward_spec
 
-    for registry, name in ((ENVS, cfg.env.name), (REWARDS, cfg.reward.name), (ALGOS, cfg.algo.name)):
+    for registry, name in ((ENVS, cfg.env.name), (ALGOS, cfg.algo.name)):
         registry.get(name)  # fail before any work on an unknown name
+    parse_reward_spec(cfg.reward.name)  # the same for --reward (its weights load in train(), before the run folder)
     run = train(cfg, resume=bool(args.resume), progress=not args.quiet)
     summary = json.loads((run / "summary.json").read_text())
     print(_summary_table(summary))
@@ -126,9 +132,9 @@ def cmd_eval(args) -> int:
     from diffrl.eval.evaluate import evaluate, held_out_layouts
     from diffrl.layout import read_jsonl
     from diffrl.policies.generator import load_generator
-    from diffrl.registry import REWARDS
+    from diffrl.rewards import build_reward
 
-    reward = REWARDS.get(args.reward)()
+    reward = build_reward(args.reward, args.reward_model)
     if args.data == "shapes":
         make_source("shapes", args.levels, seed=args.seed)  # checks the levels
         layouts = held_out_layouts(args.layouts, args.levels, args.seed)

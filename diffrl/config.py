@@ -65,7 +65,8 @@ class AlgoConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = option("shapes", "--reward: the reward model")
+    name: str = option("shapes", "--reward: a reward name, or weighted parts such as gdino=1,cycle=0.5")
+    model: str = option("", "--reward-model: gdino/cycle detector: folder, hub id or 'shapes' ('': grounding-dino-tiny)")
 
 
 @dataclass

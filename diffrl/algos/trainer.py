@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 import diffrl.algos.grpo  # noqa: F401  (registers "grpo")
 import diffrl.algos.ppo  # noqa: F401  (registers "ppo")
 import diffrl.envs.layout_env  # noqa: F401  (registers "layout")
-import diffrl.rewards  # noqa: F401  (registers the rewards)
 from diffrl.algos.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffrl.config import TrainConfig, save_yaml, window_steps
 from diffrl.envs.datasets import make_source
@@ -35,7 +34,8 @@ from diffrl.eval.visualize import save_grid
 from diffrl.policies.actor import SDEPolicyNet, make_actor
 from diffrl.policies.generator import LayoutGenerator, load_generator
 from diffrl.policies.text import ConditionStore
-from diffrl.registry import ALGOS, ENVS, REWARDS
+from diffrl.registry import ALGOS, ENVS
+from diffrl.rewards import build_reward
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -65,7 +65,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.model.device)
     source = make_source(cfg.env.data, cfg.env.levels, seed=cfg.seed)
-    reward = REWARDS.get(cfg.reward.name)()
+    reward = build_reward(cfg.reward.name, cfg.reward.model or None)
     env_cls, algo_cls = ENVS.get(cfg.env.name), ALGOS.get(cfg.algo.name)
     generator = load_generator(cfg.model.name).to(device)
     run.mkdir(parents=True, exist_ok=True)
@@ -121,6 +121,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 "reward_mean": float(rewards.mean()),
                 "reward_std": float(rewards.std()),
                 **({"train_isr": float(info["success"][info["instance_mask"]].float().mean())} if "success" in info else {}),
+                **{f"reward/{k[5:]}": float(v.float().mean()) for k, v in info.items() if k.startswith("part/")},
                 **logs,
                 "rollout_seconds": rollout_seconds,
                 "seconds": time.time() - tic,

@@ -54,6 +54,7 @@ def to_image_tensor(images: Any) -> Tensor:
 
 class Reward(abc.ABC):
     name: str = "reward"
+    uses_grounder: bool = False  # scores through a Grounder: the constructor takes grounder= (or model=, its weights)
 
     @abc.abstractmethod
     def __call__(self, images: Tensor, layouts: Sequence[Layout]) -> RewardOutput: ...

@@ -13,7 +13,6 @@ from torch import Tensor
 from diffrl.layout import Layout
 from diffrl.registry import REWARDS
 from diffrl.rewards.base import Reward, RewardOutput, check_inputs
-from diffrl.shapes.detector import detect
 
 
 @REWARDS.register("shapes")
@@ -24,6 +23,8 @@ class ShapesReward(Reward):
         self.normalize = normalize  # divide the per-image sum by the instance count
 
     def __call__(self, images: Tensor, layouts: Sequence[Layout]) -> RewardOutput:
+        from diffrl.shapes.detector import detect  # scipy: imported when a reward runs, not with diffrl.rewards
+
         check_inputs(images, layouts)
         d = detect(images, layouts)
         per_instance = (d.iou + d.confidence) * d.mask  # [B, K]

@@ -24,6 +24,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from diffrl.boxes import box_iou
 from diffrl.layout import Layout
 from diffrl.shapes.world import BACKGROUND, COLORS, SHAPES, parse_phrase, shape_mask
 
@@ -47,16 +48,6 @@ class Detections:
     mask: Tensor  # [B, K] bool, real instance (False: padding)
 
 
-def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of every box in a [N, 4] with every box in b [M, 4] → [N, M]."""
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
-    return inter / (area_a[:, None] + area_b[None, :] - inter).clamp(min=1e-12)
-
-
 def classify_pixels(images: Tensor) -> Tensor:
     """[B, 3, H, W] in [0, 1] → [B, H, W] palette index (len(COLORS) = background, -1 = unknown)."""
     dist = torch.cdist(images.permute(0, 2, 3, 1).reshape(-1, 3).float(), _PALETTE)  # [BHW, C+1]
@@ -65,7 +56,7 @@ def classify_pixels(images: Tensor) -> Tensor:
     return index.view(images.shape[0], *images.shape[2:])
 
 
-def _components(pixels: np.ndarray) -> list[tuple[np.ndarray, tuple[float, float, float, float]]]:
+def components(pixels: np.ndarray) -> list[tuple[np.ndarray, tuple[float, float, float, float]]]:
     """Components of a bool [H, W] mask: (mask, normalised bbox) for those of ≥ MIN_COMPONENT_PIXELS."""
     labels, count = ndimage.label(pixels, structure=_EIGHT_CONNECTED)
     h, w = pixels.shape
@@ -96,7 +87,7 @@ def detect(images: Tensor, layouts: Sequence[Layout]) -> Detections:
         targets = torch.tensor(layout.boxes)
         for color in dict.fromkeys(c for c, _ in parsed):
             wanted = [j for j, (c, _) in enumerate(parsed) if c == color]
-            candidates = _components(classes[i] == _COLOR_INDEX[color])
+            candidates = components(classes[i] == _COLOR_INDEX[color])
             if not candidates:
                 continue
             cand_boxes = torch.tensor([box for _, box in candidates])
@@ -105,7 +96,7 @@ def detect(images: Tensor, layouts: Sequence[Layout]) -> Detections:
             for r, c in zip(rows, cols):
                 j = wanted[r]
                 component = torch.from_numpy(candidates[c][0])
-                fits = {s: _mask_iou(component, shape_mask(s, cand_boxes[c : c + 1], size)[0]) for s in SHAPES}
+                fits = {s: mask_iou(component, shape_mask(s, cand_boxes[c : c + 1], size)[0]) for s in SHAPES}
                 iou[i, j] = ious[r, c]
                 confidence[i, j] = fits[parsed[j][1]]
                 color_ok[i, j] = True
@@ -115,6 +106,6 @@ def detect(images: Tensor, layouts: Sequence[Layout]) -> Detections:
     return Detections(iou, confidence, color_ok, shape_ok, success, found_boxes, mask)
 
 
-def _mask_iou(a: Tensor, b: Tensor) -> float:
+def mask_iou(a: Tensor, b: Tensor) -> float:
     union = (a | b).sum().item()
     return (a & b).sum().item() / union if union else 0.0

@@ -1,0 +1,95 @@
+"""Weighted sums of rewards, and the ``--reward`` spec that names them.
+
+A spec is one registered name (``gdino``) or weighted parts joined by commas (``gdino=1,cycle=0.5``):
+    r = Σ_p w_p · r_p
+`CompositeReward` reports each part's value per sample as ``part/<name>`` [B] and each part's own
+info under ``<name>/<key>``. So a composite can stand wherever one reward is read (the trainer's
+train ISR, the evaluator's ISR / mIoU), the per-instance verdicts of its first part that has them
+(``iou``, ``success``, ``color_ok``, ``shape_ok``, ``instance_mask``) are also given unprefixed.
+`build_reward` gives the parts that need a detector (gdino, cycle) one shared grounder.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+from torch import Tensor
+
+import diffrl.rewards.cycle  # noqa: F401  (registers "cycle")
+import diffrl.rewards.gdino  # noqa: F401  (registers "gdino")
+import diffrl.rewards.shapes  # noqa: F401  (registers "shapes")
+from diffrl.errors import UserError
+from diffrl.layout import Layout
+from diffrl.registry import REWARDS
+from diffrl.rewards.base import Reward, RewardOutput
+from diffrl.rewards.grounder import make_grounder
+
+VERDICTS = ("iou", "success", "color_ok", "shape_ok", "instance_mask")
+EXAMPLE = "e.g. --reward gdino or --reward gdino=1,cycle=0.5"
+
+
+class CompositeReward(Reward):
+    """``parts``: name → (reward, weight); r = Σ weight · reward."""
+
+    name = "composite"
+
+    def __init__(self, parts: Mapping[str, tuple[Reward, float]]):
+        if not parts:
+            raise UserError(f"a composite reward needs at least one part; {EXAMPLE}")
+        self.parts = dict(parts)
+
+    def __call__(self, images: Tensor, layouts: Sequence[Layout]) -> RewardOutput:
+        total, info, verdicts = 0.0, {}, {}
+        for name, (reward, weight) in self.parts.items():
+            out = reward(images, layouts)
+            total = total + weight * out.rewards
+            info[f"part/{name}"] = out.rewards
+            info.update({f"{name}/{key}": value for key, value in out.info.items()})
+            if not verdicts and all(key in out.info for key in VERDICTS):
+                verdicts = {key: out.info[key] for key in VERDICTS}
+        return RewardOutput(total, {**verdicts, **info})
+
+
+def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
+    """``"gdino"`` → [("gdino", 1.0)]; ``"gdino=1,cycle=0.5"`` → [("gdino", 1.0), ("cycle", 0.5)].
+    Checks every name against the registry and loads nothing."""
+    if "=" not in spec and "," not in spec:
+        REWARDS.get(spec.strip())
+        return [(spec.strip(), 1.0)]
+    parts = []
+    for text in spec.split(","):
+        name, _, weight = (s.strip() for s in text.partition("="))
+        try:
+            value = float(weight)
+        except ValueError:
+            value = math.nan
+        if not name or not math.isfinite(value):
+            raise UserError(f"--reward {spec!r}: part {text.strip()!r} must be name=weight, the weight a number; "
+                            f"{EXAMPLE}")
+        REWARDS.get(name)
+        if name in dict(parts):
+            raise UserError(f"--reward {spec!r}: {name} appears twice; give each part once, {EXAMPLE}")
+        parts.append((name, value))
+    return parts
+
+
+def build_reward(spec: str, model: str | None = None) -> Reward:
+    """The reward a ``--reward`` spec names. Its parts that score through a grounder (gdino, cycle) share
+    one, loaded from ``model`` (``--reward-model``): a hub id, a local folder, or "shapes"."""
+    parts = parse_reward_spec(spec)
+    if not any(REWARDS.get(name).uses_grounder for name, _ in parts):
+        if model:
+            detectors = ", ".join(name for name, cls in REWARDS.items() if cls.uses_grounder)
+            raise UserError(f"--reward-model is for rewards with a detector ({detectors}); --reward {spec} has none")
+        grounder = None
+    else:
+        grounder = make_grounder(model=model)
+
+    def build(name: str) -> Reward:
+        cls = REWARDS.get(name)
+        return cls(grounder=grounder) if cls.uses_grounder else cls()
+
+    if "=" not in spec:
+        return build(parts[0][0])
+    return CompositeReward({name: (build(name), weight) for name, weight in parts})
