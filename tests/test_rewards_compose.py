@@ -11,21 +11,23 @@ from diffrl.rewards import CompositeReward, CycleConsistencyReward, ShapesReward
 from diffrl.rewards.grounder import ShapesGrounder
 from diffrl.shapes.world import render
 from tests.test_rewards_gdino import one_thread  # noqa: F401  (a fixture)
+from tests.test_shapes import square_confidence
 
 TARGET = Layout("a red square", ["red square"], [(0.25, 0.25, 0.5, 0.5)])
 SHIFTED = Layout("a red square", ["red square"], [(0.375, 0.25, 0.625, 0.5)])  # 4 px to the right
 
 
 def test_composite_is_the_weighted_sum_with_each_part_logged():
-    # The drawn square overlaps its box by 4×8 of 8×8 px: IoU 32/96 = 1/3, a perfect square (confidence 1)
+    # The drawn square overlaps its box by 4×8 of 8×8 px: IoU 32/96 = 1/3, a clean 8-px square (confidence c)
     # → shapes 1 + 1/3; cycle (l1): x0 and x1 off by 0.125 → −0.0625.
     images, layouts = render([TARGET, SHIFTED]), [TARGET, TARGET]
     reward = build_reward("shapes=1,cycle=0.5", model="shapes")
     assert isinstance(reward, CompositeReward) and isinstance(reward.parts["cycle"][0].grounder, ShapesGrounder)
     out = reward(images, layouts)
-    torch.testing.assert_close(out.info["part/shapes"], torch.tensor([2.0, 4 / 3]))
+    c = square_confidence(8)
+    torch.testing.assert_close(out.info["part/shapes"], torch.tensor([1 + c, 1 / 3 + c]))
     torch.testing.assert_close(out.info["part/cycle"], torch.tensor([0.0, -0.0625]))
-    torch.testing.assert_close(out.rewards, torch.tensor([2.0, 4 / 3 - 0.5 * 0.0625]))
+    torch.testing.assert_close(out.rewards, torch.tensor([1 + c, 1 / 3 + c - 0.5 * 0.0625]))
     torch.testing.assert_close(out.info["shapes/iou"], torch.tensor([[1.0], [1 / 3]]))
     torch.testing.assert_close(out.info["cycle/distance"], torch.tensor([[0.0], [0.0625]]))
     # the first part's verdicts, unprefixed, for the trainer's train ISR and the evaluator
@@ -36,7 +38,7 @@ def test_composite_of_rewards_built_by_hand():
     reward = CompositeReward({"exact": (ShapesReward(normalize=False), 2.0),
                               "cycle": (CycleConsistencyReward(grounder="shapes"), 1.0)})
     out = reward(render([SHIFTED]), [TARGET])
-    torch.testing.assert_close(out.rewards, torch.tensor([2 * (4 / 3) - 0.0625]))
+    torch.testing.assert_close(out.rewards, torch.tensor([2 * (1 / 3 + square_confidence(8)) - 0.0625]))
 
 
 def test_spec_parsing():

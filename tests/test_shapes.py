@@ -43,7 +43,17 @@ def test_ground_truth_renders_succeed_everywhere():
     d = detect(render(layouts), layouts)
     assert d.success[d.mask].all()
     square = torch.tensor([[p.endswith("square") for p in l.phrases] + [False] * (6 - l.n) for l in layouts])
-    assert torch.all(d.iou[square] == 1) and torch.all(d.confidence[square] == 1)
+    assert torch.all(d.iou[square] == 1) and torch.all(d.confidence[d.mask] > 0.9)
+
+
+def square_confidence(side_px: int) -> float:
+    """By hand: a clean square fits itself with IoU 1; the inscribed circle and triangle lie inside it, so
+    their IoU with it is their area over its area; the confidence is softmax(fits / 0.05) at "square"."""
+    box = torch.tensor([[0.0, 0.0, side_px / 32, side_px / 32]])
+    area = side_px**2
+    fits = [1.0, shape_mask("circle", box, 32).sum().item() / area, shape_mask("triangle", box, 32).sum().item() / area]
+    weights = [np.exp(f / 0.05) for f in fits]
+    return float(weights[0] / sum(weights))
 
 
 def test_shifted_object_gives_the_hand_computed_iou():
@@ -64,7 +74,13 @@ def test_wrong_colour_and_wrong_shape_fail():
     assert not d.color_ok[0, 0] and not d.success[0, 0] and d.iou[0, 0] == 0 and d.confidence[0, 0] == 0
     d = detect(render([layout(("red circle", box))]), [target])
     assert d.color_ok[0, 0] and not d.shape_ok[0, 0] and not d.success[0, 0]
-    assert d.iou[0, 0] == 1 and d.confidence[0, 0].item() == pytest.approx(np.pi / 4, abs=0.03)
+    # a clean circle asked to be a square: fits (square π/4-ish, circle 1, triangle t) → a small probability
+    box_t = torch.tensor([box])
+    circle = shape_mask("circle", box_t, 32)[0]
+    fits = [circle.sum().item() / 256, 1.0, (circle & shape_mask("triangle", box_t, 32)[0]).sum().item()
+            / (circle | shape_mask("triangle", box_t, 32)[0]).sum().item()]
+    expected = np.exp(fits[0] / 0.05) / sum(np.exp(f / 0.05) for f in fits)
+    assert d.iou[0, 0] == 1 and d.confidence[0, 0].item() == pytest.approx(expected, rel=1e-5) and expected < 0.05
 
 
 def test_same_colour_instances_are_matched_one_to_one():
@@ -82,8 +98,9 @@ def test_reward_is_the_per_instance_mean_of_iou_plus_confidence():
     a, b = (0.0, 0.0, 0.25, 0.25), (0.5, 0.5, 0.75, 0.75)
     target = layout(("white square", a), ("black square", b))
     out = ShapesReward()(render([layout(("white square", a))]), [target])  # the black square is missing
-    assert out.rewards.item() == pytest.approx((1 + 1 + 0 + 0) / 2)
-    assert ShapesReward(normalize=False)(render([target]), [target]).rewards.item() == pytest.approx(4.0)
+    c = square_confidence(8)  # 0.25 of 32 px
+    assert out.rewards.item() == pytest.approx((1 + c + 0 + 0) / 2)
+    assert ShapesReward(normalize=False)(render([target]), [target]).rewards.item() == pytest.approx(2 * (1 + c))
     assert out.info["iou"].shape == (1, 2) and out.info["success"].tolist() == [[True, False]]
 
 

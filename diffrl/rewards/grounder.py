@@ -172,13 +172,13 @@ class GroundingDinoGrounder(Grounder):
 
 class ShapesGrounder(Grounder):
     """The exact Shapes detector (`diffrl.shapes.detector`) as a grounder: for ``"<color> <shape>"``
-    every connected component of that colour is a candidate (the detector's rules 1–2), with the IoU
-    of its pixels and ``<shape>`` drawn in its box as confidence (rule 4). No weights; a phrase outside
+    every connected component of that colour is a candidate (the detector's rules 1–2), with the
+    detector's class probability of ``<shape>`` as confidence (rule 4). No weights; a phrase outside
     the Shapes world raises LayoutError."""
 
     def __call__(self, images: Tensor, phrases: Sequence[Sequence[str]]) -> list[dict[str, Grounding]]:
-        from diffrl.shapes.detector import classify_pixels, components, mask_iou  # scipy: only when used
-        from diffrl.shapes.world import COLORS, parse_phrase, shape_mask
+        from diffrl.shapes.detector import classify_pixels, components, shape_confidence, shape_fits  # scipy
+        from diffrl.shapes.world import COLORS, SHAPES, parse_phrase
 
         classes = classify_pixels(images.detach().float().cpu()).numpy()  # [B, H, W]
         size = images.shape[-1]
@@ -189,9 +189,9 @@ class ShapesGrounder(Grounder):
             groundings = {}
             for phrase, (color, shape) in parsed.items():
                 boxes = torch.tensor([box for _, box in by_color[color]]).reshape(-1, 4)
-                drawn = shape_mask(shape, boxes, size)  # [M, size, size]
-                scores = [mask_iou(torch.from_numpy(pixels), shape_drawn)
-                          for (pixels, _), shape_drawn in zip(by_color[color], drawn)]
+                asked = SHAPES.index(shape)
+                scores = [shape_confidence(shape_fits(torch.from_numpy(pixels), box, size))[asked]
+                          for (pixels, _), box in zip(by_color[color], boxes)]
                 groundings[phrase] = Grounding(boxes, torch.tensor(scores, dtype=torch.float32))
             found.append(groundings)
         return found
