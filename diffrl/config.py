@@ -46,6 +46,7 @@ class EnvConfig:
 class PolicyConfig:
     noise_level: float = option(0.7, "SDE noise level a in σ_t = a·sqrt(t/(1−t))")
     window: float = option(0.2, "fraction of denoising steps, from the start, that RL explores and trains (I-DRUID: 0.2)")
+    train: str = option("all", "what RL updates: all (backbone + layout adapter) or adapter (the backbone stays frozen)")
 
 
 @dataclass
@@ -58,6 +59,7 @@ class AlgoConfig:
     kl_coef: float = option(0.01, "weight of KL(π_θ ‖ π_ref) to the initial policy")
     log_prob_reduce: str = option("sum", "log-prob over latent dims: sum (exact density) or mean (Flow-GRPO)")
     max_grad_norm: float = option(1.0, "gradient-norm clip")
+    accumulate: bool = option(True, "one optimizer step per epoch, averaging the gradients of all window steps (Flow-GRPO)")
     critic_lr: float = option(1e-3, "PPO: learning rate of the critic φ")
     critic_coef: float = option(1.0, "PPO: weight of the critic loss (φ(s_t) − r)²")
     normalize_advantage: bool = option(True, "standardise advantages over each iteration's batch")
@@ -211,6 +213,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("config env.num_steps, env.layouts_per_iter and env.group_size must be ≥ 1")
     if cfg.algo.name == "grpo" and cfg.env.group_size < 2:
         raise UserError("config env.group_size: GRPO compares samples of one layout, so it needs ≥ 2")
+    if cfg.policy.train not in ("all", "adapter"):
+        raise UserError(f"config policy.train: 'all' or 'adapter', got {cfg.policy.train!r}")
     if cfg.algo.log_prob_reduce not in ("sum", "mean"):
         raise UserError(f"config algo.log_prob_reduce: 'sum' or 'mean', got {cfg.algo.log_prob_reduce!r}")
 

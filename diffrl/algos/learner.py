@@ -101,7 +101,9 @@ class Learner:
     def update(self, rollout: TensorDictBase) -> dict[str, float]:
         """Epochs over the window steps in random order; a minibatch never mixes denoising steps and keeps
         the rollout's sample order, so with ``minibatch_size ≥ B`` the first pass recomputes exactly the
-        rollout's forward and the importance ratio is exactly 1."""
+        rollout's forward and the importance ratio is exactly 1. With ``accumulate`` the gradients of a
+        whole epoch (every window step and minibatch) are averaged into one optimizer step, as Flow-GRPO
+        accumulates over timesteps; otherwise each minibatch takes its own step."""
         batch = self.window_batch(rollout)  # [B, W]
         with torch.no_grad():
             flat = batch.reshape(-1)
@@ -111,18 +113,20 @@ class Learner:
         logs: dict[str, list[float]] = defaultdict(list)
         b, window = batch.shape
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        chunks = [(step, start) for step in range(window) for start in range(0, b, self.cfg.minibatch_size)]
+        per_step = 1 if not self.cfg.accumulate else len(chunks)  # minibatches whose gradients one step averages
         for _ in range(self.cfg.epochs):
-            for step in torch.randperm(window).tolist():
-                for start in range(0, b, self.cfg.minibatch_size):
-                    out = self.loss(batch[start : start + self.cfg.minibatch_size, step])
-                    total = sum(v for k, v in out.items() if k.startswith("loss_"))
-                    self.optimizer.zero_grad(set_to_none=True)
-                    total.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            order = [chunks[i] for i in torch.randperm(len(chunks)).tolist()]
+            for n, (step, start) in enumerate(order):
+                out = self.loss(batch[start : start + self.cfg.minibatch_size, step])
+                total = sum(v for k, v in out.items() if k.startswith("loss_"))
+                (total / per_step).backward()
+                for key, value in out.items():
+                    logs[key].append(float(value.detach()))
+                if (n + 1) % per_step == 0 or n + 1 == len(order):
+                    logs["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)))
                     self.optimizer.step()
-                    for key, value in out.items():
-                        logs[key].append(float(value.detach()))
-                    logs["grad_norm"].append(float(grad_norm))
+                    self.optimizer.zero_grad(set_to_none=True)
         result = {key: sum(values) / len(values) for key, values in logs.items()}
         result["advantage_abs"] = float(advantage.abs().mean())
         return result

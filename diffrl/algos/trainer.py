@@ -68,6 +68,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     reward = build_reward(cfg.reward.name, cfg.reward.model or None)
     env_cls, algo_cls = ENVS.get(cfg.env.name), ALGOS.get(cfg.algo.name)
     generator = load_generator(cfg.model.name).to(device)
+    if cfg.policy.train == "adapter":
+        generator.denoiser.transformer.requires_grad_(False)
     run.mkdir(parents=True, exist_ok=True)
     cfg.out = str(run)
     save_yaml(cfg, run / "config.yaml")
