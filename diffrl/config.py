@@ -59,6 +59,7 @@ class AlgoConfig:
     kl_coef: float = option(0.01, "weight of KL(π_θ ‖ π_ref) to the initial policy")
     log_prob_reduce: str = option("sum", "log-prob over latent dims: sum (exact density) or mean (Flow-GRPO)")
     max_grad_norm: float = option(1.0, "gradient-norm clip")
+    anchor_steps: int = option(0, "post-window steps per epoch held to the reference by the KL term (0: none)")
     accumulate: bool = option(True, "one optimizer step per epoch, averaging the gradients of all window steps (Flow-GRPO)")
     critic_lr: float = option(1e-3, "PPO: learning rate of the critic φ")
     critic_coef: float = option(1.0, "PPO: weight of the critic loss (φ(s_t) − r)²")

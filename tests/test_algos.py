@@ -67,3 +67,22 @@ def test_ppo_update_trains_the_critic_toward_the_rewards(tiny_generator):
     second = learner.update(rollout)["loss_critic"]
     assert second < first / 2
     assert learner.trainable_modules().keys() == {"denoiser", "critic"}
+
+
+def test_anchor_is_zero_for_the_reference_and_grows_once_the_policy_moves(tiny_generator):
+    from diffrl.algos.grpo import GRPO
+
+    generator = copy.deepcopy(tiny_generator)
+    for fuser in generator.denoiser.adapter.fusers:  # open the gates so the adapter matters
+        fuser.gate_attn.data.fill_(0.5)
+    env, policy, actor, store = make(generator)
+    reference = SDEPolicyNet(frozen_copy(generator), store, 0.7, 2)
+    learner = GRPO(policy, reference, actor, AlgoConfig(lr=1e-3, minibatch_size=1000, anchor_steps=3))
+    with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+        rollout = env.rollout(5, actor, auto_reset=True)
+    with torch.no_grad():
+        assert learner.anchor_loss(rollout).item() == 0.0  # steps 2..4 of an unchanged policy
+    logs = learner.update(rollout)
+    assert "loss_anchor" in logs
+    with torch.no_grad():
+        assert learner.anchor_loss(rollout).item() > 0.0

@@ -21,7 +21,7 @@ from torchrl.objectives import ClipPPOLoss
 
 from diffrl.config import AlgoConfig
 from diffrl.policies.actor import LOG_PROB_KEY, OBSERVATION_KEYS, SDEPolicyNet
-from diffrl.policies.sde import kl_to_reference
+from diffrl.policies.sde import kl_to_reference, sde_mean_std
 
 
 class RefKLClipPPOLoss(ClipPPOLoss):
@@ -119,6 +119,8 @@ class Learner:
             order = [chunks[i] for i in torch.randperm(len(chunks)).tolist()]
             for n, (step, start) in enumerate(order):
                 out = self.loss(batch[start : start + self.cfg.minibatch_size, step])
+                if self.cfg.anchor_steps and rollout.shape[1] > window and (n + 1) % per_step == 0:
+                    out.set("loss_anchor", self.cfg.kl_coef * self.anchor_loss(rollout) * per_step)
                 total = sum(v for k, v in out.items() if k.startswith("loss_"))
                 (total / per_step).backward()
                 for key, value in out.items():
@@ -130,3 +132,20 @@ class Learner:
         result = {key: sum(values) / len(values) for key, values in logs.items()}
         result["advantage_abs"] = float(advantage.abs().mean())
         return result
+
+    def anchor_loss(self, rollout: TensorDictBase) -> torch.Tensor:
+        """KL to the reference at ``anchor_steps`` random steps *after* the window, scored as if they carried
+        the SDE's noise (they are deterministic, but the weights they run on are shared with the window)."""
+        window = self.policy.window_steps
+        steps = window + torch.randperm(rollout.shape[1] - window)[: self.cfg.anchor_steps]
+        total = 0.0
+        for step in steps.tolist():
+            obs = [rollout[:, step][k] for k in OBSERVATION_KEYS]
+            velocity = self.policy.generator.velocity(obs[0], obs[1], self.policy.store[obs[4]])
+            mean, std = sde_mean_std(velocity, obs[1], obs[2], obs[0], self.policy.noise_level)
+            with torch.no_grad():
+                (reference,) = self.loss._reference
+                ref_velocity = reference.generator.velocity(obs[0], obs[1], reference.store[obs[4]])
+                ref_mean, _ = sde_mean_std(ref_velocity, obs[1], obs[2], obs[0], self.policy.noise_level)
+            total = total + kl_to_reference(mean, ref_mean, std).mean()
+        return total / len(steps)
