@@ -21,7 +21,7 @@ from torchrl.objectives import ClipPPOLoss
 
 from diffrl.config import AlgoConfig
 from diffrl.policies.actor import LOG_PROB_KEY, OBSERVATION_KEYS, SDEPolicyNet
-from diffrl.policies.sde import kl_to_reference, sde_mean_std
+from diffrl.policies.sde import kl_to_reference
 
 
 class RefKLClipPPOLoss(ClipPPOLoss):
@@ -61,6 +61,7 @@ class Learner:
 
     def __init__(self, policy: SDEPolicyNet, reference: SDEPolicyNet, actor, cfg: AlgoConfig, critic=None):
         self.policy = policy
+        self.reference = reference
         self.cfg = cfg
         self.critic = critic
         self.loss = RefKLClipPPOLoss(
@@ -119,13 +120,15 @@ class Learner:
             order = [chunks[i] for i in torch.randperm(len(chunks)).tolist()]
             for n, (step, start) in enumerate(order):
                 out = self.loss(batch[start : start + self.cfg.minibatch_size, step])
-                if self.cfg.anchor_steps and rollout.shape[1] > window and (n + 1) % per_step == 0:
-                    out.set("loss_anchor", self.cfg.kl_coef * self.anchor_loss(rollout) * per_step)
                 total = sum(v for k, v in out.items() if k.startswith("loss_"))
                 (total / per_step).backward()
                 for key, value in out.items():
                     logs[key].append(float(value.detach()))
                 if (n + 1) % per_step == 0 or n + 1 == len(order):
+                    if self.cfg.anchor_steps and rollout.shape[1] > window:  # its gradient joins this step's
+                        anchor = self.cfg.kl_coef * self.anchor_loss(rollout)
+                        anchor.backward()
+                        logs["loss_anchor"].append(float(anchor.detach()))
                     logs["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)))
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -140,12 +143,9 @@ class Learner:
         steps = window + torch.randperm(rollout.shape[1] - window)[: self.cfg.anchor_steps]
         total = 0.0
         for step in steps.tolist():
-            obs = [rollout[:, step][k] for k in OBSERVATION_KEYS]
-            velocity = self.policy.generator.velocity(obs[0], obs[1], self.policy.store[obs[4]])
-            mean, std = sde_mean_std(velocity, obs[1], obs[2], obs[0], self.policy.noise_level)
+            latent, sigma, sigma_next, _, layout_index = (rollout[:, step][k] for k in OBSERVATION_KEYS)
+            mean, std = self.policy.mean_std(latent, sigma, sigma_next, layout_index, self.policy.noise_level)
             with torch.no_grad():
-                (reference,) = self.loss._reference
-                ref_velocity = reference.generator.velocity(obs[0], obs[1], reference.store[obs[4]])
-                ref_mean, _ = sde_mean_std(ref_velocity, obs[1], obs[2], obs[0], self.policy.noise_level)
+                ref_mean, _ = self.reference.mean_std(latent, sigma, sigma_next, layout_index, self.policy.noise_level)
             total = total + kl_to_reference(mean, ref_mean, std).mean()
         return total / len(steps)

@@ -41,9 +41,12 @@ class SDEPolicyNet(nn.Module):
         return torch.where(step < self.window_steps, self.noise_level, 0.0).float()
 
     def forward(self, latent: Tensor, sigma: Tensor, sigma_next: Tensor, step: Tensor, layout_index: Tensor):
-        cond = self.store[layout_index]
-        velocity = self.generator.velocity(latent, sigma, cond)
-        return sde_mean_std(velocity, sigma, sigma_next, latent, self.step_noise(step))
+        return self.mean_std(latent, sigma, sigma_next, layout_index, self.step_noise(step))
+
+    def mean_std(self, latent: Tensor, sigma: Tensor, sigma_next: Tensor, layout_index: Tensor, noise_level):
+        """The SDE step's mean and std at an explicit noise level (a scalar or per sample)."""
+        velocity = self.generator.velocity(latent, sigma, self.store[layout_index])
+        return sde_mean_std(velocity, sigma, sigma_next, latent, noise_level)
 
 
 class LatentGaussian(Distribution):
