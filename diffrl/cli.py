@@ -38,6 +38,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from diffrl.config import field_help
+    from diffrl.eval.readers import FORMATS
     from diffrl.registry import ALGOS, DATASETS, ENVS, MODELS, REWARDS
 
     _registries()
@@ -69,14 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     source = ev.add_mutually_exclusive_group()
     source.add_argument("--model", help=f"generator: {_names(MODELS)} or a local folder (default shapes-tiny)")
     source.add_argument("--checkpoint", metavar="RUN", help="a run folder: its model with its last checkpoint")
-    ev.add_argument("--data", default="shapes", help="shapes (a held-out set) or a .jsonl file of layouts")
+    ev.add_argument("--data", default="shapes", help="shapes (a held-out set), or a file of layouts: diffrl .jsonl, "
+                    "COCO-MIG (.yaml, .txt, .json) or LayoutSAM-eval rows (.parquet, .jsonl, .json)")
+    ev.add_argument("--format", choices=FORMATS, default="auto", help="how to read --data (auto: by its extension and keys)")
     ev.add_argument("--levels", type=int, nargs="+", default=[2, 3, 4, 5, 6], help="Shapes levels (instance counts)")
     ev.add_argument("--layouts", type=int, default=250, help="how many Shapes layouts")
     ev.add_argument("--seed", type=int, default=1234, help="seed of the held-out set and its noise")
-    ev.add_argument("--reward", default="shapes", help=f"scorer ({_names(REWARDS)}), or parts: gdino=1,cycle=0.5")
+    ev.add_argument("--judge", choices=("reward", "cocomig"), default="reward",
+                    help="reward: score with --reward; cocomig: COCO-MIG's protocol (Grounding DINO from --reward-model "
+                         "+ HSV colour check), also writes an HTML report beside eval.json")
+    ev.add_argument("--reward", help=f"reward judge's scorer ({_names(REWARDS)}), or parts: gdino=1,cycle=0.5 "
+                    "(default shapes)")
     ev.add_argument("--reward-model", metavar="DIR|HUB_ID", help=REWARD_MODEL_HELP)
+    ev.add_argument("--sam-model", metavar="DIR|HUB_ID", help="cocomig judge: SAM weights for the object masks (the "
+                    "benchmark's: facebook/sam-vit-huge); without it the detected box is the object's region")
     ev.add_argument("--steps", type=int, default=10, help="sampling steps")
-    ev.add_argument("--out", help="where to write eval.json (default: beside the checkpoint, else stdout only)")
+    ev.add_argument("--out", help="where to write eval.json (default: beside the checkpoint, else stdout only); "
+                    "the cocomig report goes beside it with the suffix .html")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
 
     pre = sub.add_parser("pretrain", help="train the tiny Shapes generator from scratch by flow matching")
@@ -129,19 +139,30 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from diffrl.envs.datasets import make_source
-    from diffrl.eval.evaluate import evaluate, held_out_layouts
-    from diffrl.layout import read_jsonl
+    from diffrl.eval.evaluate import evaluate, generate, held_out_layouts
+    from diffrl.eval.readers import read_layouts
     from diffrl.policies.generator import load_generator
     from diffrl.rewards import build_reward
 
-    reward = build_reward(args.reward, args.reward_model)
     if args.data == "shapes":
         make_source("shapes", args.levels, seed=args.seed)  # checks the levels
         layouts = held_out_layouts(args.layouts, args.levels, args.seed)
     else:
         if not Path(args.data).is_file():
             raise UserError(f"--data {args.data}: no such file")
-        layouts = read_jsonl(args.data)
+        layouts = read_layouts(args.data, args.format)
+    if args.judge == "cocomig":
+        from diffrl.eval.cocomig import CocoMigJudge, SamSegmenter, cocomig_grounder
+
+        if args.reward is not None:
+            raise UserError("--reward has no effect with --judge cocomig, which grounds with --reward-model")
+        CocoMigJudge.check(layouts)  # phrases it cannot read fail before any weights load
+        judge = CocoMigJudge(cocomig_grounder(args.reward_model),
+                             SamSegmenter(args.sam_model) if args.sam_model else None)
+    else:
+        if args.sam_model:
+            raise UserError("--sam-model is for --judge cocomig")
+        reward = build_reward(args.reward or "shapes", args.reward_model)
     out = Path(args.out) if args.out else None
     if args.checkpoint:
         from diffrl.algos.checkpoint import latest_checkpoint
@@ -158,11 +179,31 @@ def cmd_eval(args) -> int:
         out = out or run / "eval.json"
     else:
         generator = load_generator(args.model or "shapes-tiny")
-    metrics, _ = evaluate(generator, reward, layouts, num_steps=args.steps, seed=args.seed, progress=not args.quiet)
-    print(_metrics_table(metrics))
+    if args.judge == "cocomig":
+        from diffrl.eval.cocomig import cocomig_metrics
+        from diffrl.eval.report import write_report
+
+        images = generate(generator, layouts, num_steps=args.steps, seed=args.seed, progress=not args.quiet)
+        verdicts = judge(images, layouts, progress=not args.quiet)
+        metrics = cocomig_metrics(verdicts, layouts)
+        counts = [label for row in verdicts.labels() for label in row]
+        print(_metrics_table(metrics))
+        print(", ".join(f"{label}: {counts.count(label)}" for label in ("ok", "wrong box", "wrong colour", "missed")))
+    else:
+        metrics, _ = evaluate(generator, reward, layouts, num_steps=args.steps, seed=args.seed,
+                              progress=not args.quiet)
+        print(_metrics_table(metrics))
     if out:
         out.write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"wrote {out}")
+        if args.judge == "cocomig":
+            settings = {"judge": "cocomig (LeyRio/MIG_Bench eval_mig.py protocol)", "data": args.data,
+                        "generator": args.checkpoint or args.model or "shapes-tiny", "steps": args.steps,
+                        "seed": args.seed, "grounder": args.reward_model or "IDEA-Research/grounding-dino-tiny",
+                        "object mask": f"SAM {args.sam_model}" if args.sam_model else "detected box (no --sam-model)"}
+            print(f"wrote {write_report(out.with_suffix('.html'), images, layouts, verdicts, metrics, settings)}")
+    elif args.judge == "cocomig":
+        print("(pass --out FILE.json to write eval.json and its HTML report)")
     return 0
 
 
@@ -189,7 +230,8 @@ def _metrics_table(m: dict) -> str:
     lines = ["level   ISR     mIoU    instances"]
     for level, v in m["per_level"].items():
         lines.append(f"{level:<7} {v['isr']:.3f}   {v['miou']:.3f}   {v.get('instances', '')}")
-    lines.append(f"{'all':<7} {m['isr']:.3f}   {m['miou']:.3f}   reward {m['reward']:.3f}")
+    reward = f"   reward {m['reward']:.3f}" if m["reward"] is not None else ""
+    lines.append(f"{'all':<7} {m['isr']:.3f}   {m['miou']:.3f}{reward}")
     return "\n".join(lines)
 
 

@@ -10,7 +10,6 @@ from diffrl.registry import UnknownNameError
 from diffrl.rewards import CompositeReward, CycleConsistencyReward, ShapesReward, build_reward, parse_reward_spec
 from diffrl.rewards.grounder import ShapesGrounder
 from diffrl.shapes.world import render
-from tests.test_rewards_gdino import one_thread  # noqa: F401  (a fixture)
 from tests.test_shapes import square_confidence
 
 TARGET = Layout("a red square", ["red square"], [(0.25, 0.25, 0.5, 0.5)])

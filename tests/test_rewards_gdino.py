@@ -17,52 +17,7 @@ from diffrl.rewards import GroundingDinoReward
 from diffrl.rewards.grounder import load_grounding_dino, phrase_detections, query_text, token_phrases
 from diffrl.shapes.world import render, sample_layouts
 
-WORDS = ["red", "yellow", "green", "blue", "white", "black", "square", "circle", "triangle"]
-
-
-def tiny_vocab() -> dict[str, int]:
-    """A BERT vocab whose special tokens sit at bert-base-uncased's ids, which Grounding DINO hard-codes
-    ([CLS] 101, [SEP] 102, '.' 1012, '?' 1029) to split the text query into phrases."""
-    tokens = [f"[unused{i}]" for i in range(1030)]
-    for i, token in {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]", 1012: ".", 1029: "?"}.items():
-        tokens[i] = token
-    tokens[104: 104 + len(WORDS)] = WORDS
-    return {token: i for i, token in enumerate(tokens)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; more only wait on each other (badly so on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_gdino(tmp_path_factory):
-    """A random tiny Grounding DINO and its processor, written with save_pretrained like a hub download."""
-    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoProcessor, SwinConfig)
-    from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
-
-    torch.manual_seed(0)
-    swin = SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=2,
-                      out_features=["stage1", "stage2"])
-    bert = BertConfig(vocab_size=1030, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=16,
-                      max_position_embeddings=64)
-    config = GroundingDinoConfig(
-        backbone_config=swin, text_config=bert, num_queries=12, d_model=32, num_feature_levels=2, max_text_len=32,
-        encoder_layers=1, decoder_layers=2, encoder_ffn_dim=16, decoder_ffn_dim=16, encoder_attention_heads=2,
-        decoder_attention_heads=1, encoder_n_points=1, decoder_n_points=1,
-    )  # the smallest that builds: d_model ≥ 32 (GroupNorm(32, d_model)), 2 encoder heads (the text enhancer
-    # halves them), 2 decoder layers (the box heads of layers 1.. are tied to layer 0's)
-    path = tmp_path_factory.mktemp("grounding-dino-tiny")
-    GroundingDinoForObjectDetection(config).save_pretrained(path)
-    processor = GroundingDinoProcessor(GroundingDinoImageProcessorPil(size={"shortest_edge": 32, "longest_edge": 32}),
-                                       BertTokenizer(vocab=tiny_vocab()))
-    processor.save_pretrained(path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny_gdino: tests/conftest.py
 
 
 def test_query_text_and_token_spans():

@@ -1,6 +1,7 @@
 """Evaluate a generator on a fixed set of layouts: deterministic ODE sampling through the same env and
 actor that training uses (noise level 0 everywhere), scored by a reward whose ``info`` carries the
-per-instance verdicts, summarised with COCO-MIG's ISR / mIoU (`diffrl.eval.metrics`).
+per-instance verdicts, summarised with COCO-MIG's ISR / mIoU (`diffrl.eval.metrics`). `generate` makes
+the same images without scoring them, for a judge that looks at them afterwards (`diffrl.eval.cocomig`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from diffrl.layout import Layout
 from diffrl.policies.actor import SDEPolicyNet, make_actor
 from diffrl.policies.generator import LayoutGenerator
 from diffrl.policies.text import ConditionStore
-from diffrl.rewards.base import Reward
+from diffrl.rewards.base import Reward, RewardOutput
 from diffrl.shapes.world import sample_layouts
 
 
@@ -42,6 +43,40 @@ def evaluate(
     desc: str = "eval",
 ) -> tuple[dict, torch.Tensor]:
     """→ (the summary block ``{"isr", "miou", "reward", "per_level"}``, images [N, 3, H, W] in [0, 1])."""
+    outputs, images = _sample(generator, reward, layouts, num_steps=num_steps, shift=shift, batch_size=batch_size,
+                              seed=seed, progress=progress, desc=desc)
+    return summarize(outputs, list(layouts)), images
+
+
+@torch.no_grad()
+def generate(
+    generator: LayoutGenerator,
+    layouts: Sequence[Layout],
+    *,
+    num_steps: int,
+    shift: float = 1.0,
+    batch_size: int = 125,
+    seed: int = 1234,
+    progress: bool = True,
+    desc: str = "generate",
+) -> torch.Tensor:
+    """The images `evaluate` would score, unscored: [N, 3, H, W] in [0, 1]."""
+    return _sample(generator, _Unscored(), layouts, num_steps=num_steps, shift=shift, batch_size=batch_size,
+                   seed=seed, progress=progress, desc=desc)[1]
+
+
+class _Unscored(Reward):
+    """Rewards 0 and reports nothing: sampling only."""
+
+    name = "unscored"
+
+    def __call__(self, images: torch.Tensor, layouts: Sequence[Layout]) -> RewardOutput:
+        return RewardOutput(torch.zeros(images.shape[0], device=images.device))
+
+
+def _sample(generator: LayoutGenerator, reward: Reward, layouts: Sequence[Layout], *, num_steps: int, shift: float,
+            batch_size: int, seed: int, progress: bool, desc: str) -> tuple[list[RewardOutput], torch.Tensor]:
+    """Deterministic rollouts over ``layouts`` in batches → (each batch's reward output, images [N, 3, H, W])."""
     batch_size = min(batch_size, len(layouts))
     store = ConditionStore()
     env = LayoutEnv(
@@ -61,5 +96,4 @@ def evaluate(
             outputs.append(out)
             images.append(batch_images.cpu())
     generator.train(was_training)
-    images = torch.cat(images)[: len(layouts)]
-    return summarize(outputs, list(layouts)), images
+    return outputs, torch.cat(images)[: len(layouts)]

@@ -13,29 +13,42 @@ from diffrl.layout import Layout
 
 CELL = 128  # pixels per image in a grid
 OUTLINE = {"red": (255, 60, 60), "yellow": (255, 230, 0), "green": (40, 220, 40), "blue": (60, 120, 255),
-           "white": (255, 255, 255), "black": (0, 0, 0)}
+           "white": (255, 255, 255), "black": (0, 0, 0), "brown": (150, 90, 40)}
+OTHER = (255, 0, 255)  # outline of a phrase without a known colour word
+
+
+def outline_colour(phrase: str) -> tuple[int, int, int]:
+    """The colour to outline a phrase's box in: its colour word (after an optional article) or magenta."""
+    words = phrase.lower().split()
+    if words and words[0] in ("a", "an", "the"):
+        words = words[1:]
+    return OUTLINE.get(words[0], OTHER) if words else OTHER
 
 
 def sample_grid(images: torch.Tensor, layouts: Sequence[Layout], columns: int = 8,
-                verdicts: torch.Tensor | None = None) -> Image.Image:
-    """images [N, 3, H, W] in [0, 1] → one PIL grid, each box outlined (in its phrase's colour when the
-    phrase starts with a known colour word), solid when ``verdicts[i, k]`` is True, dashed when False."""
+                verdicts: torch.Tensor | None = None, cell: int = CELL, numbered: bool = False) -> Image.Image:
+    """images [N, 3, H, W] in [0, 1] → one PIL grid of ``cell``-pixel tiles, each box outlined (in its phrase's
+    colour when the phrase starts with a known colour word), solid when ``verdicts[i, k]`` is True, dashed
+    when False; ``numbered``: each box labelled with its instance number k + 1."""
     n = images.shape[0]
     rows = (n + columns - 1) // columns
-    grid = Image.new("RGB", (columns * CELL, rows * CELL), (30, 30, 30))
+    grid = Image.new("RGB", (columns * cell, rows * cell), (30, 30, 30))
     pixels = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     for i in range(n):
-        tile = Image.fromarray(pixels[i]).resize((CELL, CELL), Image.NEAREST)
+        tile = Image.fromarray(pixels[i]).resize((cell, cell), Image.NEAREST)
         draw = ImageDraw.Draw(tile)
         for k, (phrase, box) in enumerate(zip(layouts[i].phrases, layouts[i].boxes)):
-            colour = OUTLINE.get(phrase.split()[0], (255, 0, 255))
-            xy = [round(v * (CELL - 1)) for v in box]
+            colour = outline_colour(phrase)
+            xy = [round(v * (cell - 1)) for v in box]
             ok = True if verdicts is None else bool(verdicts[i, k])
             if ok:
                 draw.rectangle(xy, outline=colour, width=2)
             else:
                 _dashed_rectangle(draw, xy, colour)
-        grid.paste(tile, ((i % columns) * CELL, (i // columns) * CELL))
+            if numbered:
+                halo = (0, 0, 0) if sum(colour) > 250 else (255, 255, 255)  # dark numbers get a light halo
+                draw.text((xy[0] + 4, xy[1] + 3), str(k + 1), fill=colour, stroke_width=2, stroke_fill=halo)
+        grid.paste(tile, ((i % columns) * cell, (i // columns) * cell))
     return grid
 
 

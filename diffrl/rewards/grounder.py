@@ -90,20 +90,42 @@ def phrase_detections(
             for p, phrase in enumerate(phrases)}
 
 
-def _missing_files(folder: Path) -> list[str]:
-    """The files a Grounding DINO folder (as `hf download` writes it) lacks: alternatives joined by '|'."""
-    needed = ["config.json", "model.safetensors|pytorch_model.bin|model.safetensors.index.json",
-              "preprocessor_config.json|processor_config.json", "tokenizer.json|vocab.txt"]
-    return [names for names in needed if not any((folder / name).is_file() for name in names.split("|"))]
-
-
-def load_grounding_dino(model: str):
-    """(processor, model) from a local folder, the Hugging Face cache, or — when online — the hub.
+def load_pretrained(what: str, model: str, default: str, needed: Sequence[str], load, pass_as: str):
+    """``load(source, local_files_only)`` from a local folder, the Hugging Face cache, or — when online — the hub.
 
     The cache is tried first with ``local_files_only`` so a machine without network never waits on it;
     anything missing is a one-line UserError saying what to download and where to point diffrl.
+    ``what`` names the model in messages ("Grounding DINO"), ``default`` is the hub id to suggest,
+    ``needed`` the files a folder must hold (alternatives joined by '|'), ``pass_as`` how to pass a folder
+    ("model=DIR (CLI: --reward-model DIR)").
     """
     import huggingface_hub
+
+    download = f"download them with `hf download {default} --local-dir DIR` and pass {pass_as}"
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        missing = [names for names in needed if not any((folder / name).is_file() for name in names.split("|"))]
+        if missing:
+            raise UserError(f"{what} folder {folder} lacks {', '.join(missing)}; {download}")
+        return load(str(folder), local_files_only=True)
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise UserError(f"{what} weights {model!r}: no such folder, nor a hub id like {default}; {download}")
+    try:
+        return load(model, local_files_only=True)
+    except OSError:
+        if huggingface_hub.is_offline_mode():
+            raise UserError(f"{what} weights {model} are not in the Hugging Face cache and the hub is "
+                            f"offline (HF_HUB_OFFLINE); {download}") from None
+    try:
+        return load(model, local_files_only=False)
+    except OSError as err:
+        raise UserError(f"{what} weights {model} could not be downloaded ({str(err).splitlines()[0]}); "
+                        f"{download}") from None
+
+
+def load_grounding_dino(model: str):
+    """(processor, model) of Grounding DINO from a local folder, the Hugging Face cache or the hub
+    (`load_pretrained`); missing weights are a one-line UserError naming ``--reward-model``."""
     from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
     def load(source: str, local_files_only: bool):
@@ -111,27 +133,10 @@ def load_grounding_dino(model: str):
         detector = GroundingDinoForObjectDetection.from_pretrained(source, local_files_only=local_files_only)
         return processor, detector.eval()
 
-    download = (f"download them with `hf download {GROUNDING_DINO} --local-dir DIR` "
-                "and pass model=DIR (CLI: --reward-model DIR)")
-    folder = Path(model).expanduser()
-    if folder.is_dir():
-        if missing := _missing_files(folder):
-            raise UserError(f"Grounding DINO folder {folder} lacks {', '.join(missing)}; {download}")
-        return load(str(folder), local_files_only=True)
-    if model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise UserError(f"Grounding DINO weights {model!r}: no such folder, nor a hub id like {GROUNDING_DINO}; "
-                        f"{download}")
-    try:
-        return load(model, local_files_only=True)
-    except OSError:
-        if huggingface_hub.is_offline_mode():
-            raise UserError(f"Grounding DINO weights {model} are not in the Hugging Face cache and the hub is "
-                            f"offline (HF_HUB_OFFLINE); {download}") from None
-    try:
-        return load(model, local_files_only=False)
-    except OSError as err:
-        raise UserError(f"Grounding DINO weights {model} could not be downloaded ({str(err).splitlines()[0]}); "
-                        f"{download}") from None
+    needed = ["config.json", "model.safetensors|pytorch_model.bin|model.safetensors.index.json",
+              "preprocessor_config.json|processor_config.json", "tokenizer.json|vocab.txt"]
+    return load_pretrained("Grounding DINO", model, GROUNDING_DINO, needed, load,
+                           pass_as="model=DIR (CLI: --reward-model DIR)")
 
 
 class GroundingDinoGrounder(Grounder):

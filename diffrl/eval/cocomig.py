@@ -1,0 +1,317 @@
+"""COCO-MIG's judge (MIGC, CVPR 2024): is each instance in its box, in the colour it asked for?
+
+The protocol is the benchmark's own evaluation script, ``eval_mig.py`` of LeyRio/MIG_Bench (commit 723d10e,
+functions ``check_on_image`` and ``check_on_color_cv``), the COCO-MIG repository that MIGC's README
+(limuloo/MIGC) points to. Per instance, whose phrase is ``"[a|an|the] <colour> <noun>"``:
+
+1. Ground the noun alone (``"car"``, not ``"a red car"``) in the image with box threshold 0.25, then
+   class-agnostic non-maximum suppression at IoU 0.8 over the boxes found.
+2. The detection with the best IoU against the target box is the instance's. Nothing found: *missed*;
+   best IoU < 0.5: *wrong box*.
+3. Otherwise check the colour inside the object. Its mask is SAM's, prompted with the target box (of SAM's
+   three masks the one it scores best), as eval_mig.py does; without SAM, the pixels of the detected box.
+   The image goes to HSV exactly as OpenCV converts 8-bit RGB (`hsv_opencv`); the colour passes when at
+   least 20% of the mask's pixels fall in the benchmark's HSV range(s) for it (`HSV_RANGES`), else
+   *wrong colour*.
+
+success = box right ∧ colour right (*ok*). `cocomig_metrics` summarises with
+`diffrl.eval.metrics.instance_metrics`, per level (instance count; COCO-MIG has L2–L6) and pooled:
+ISR = successes / instances; mIoU = mean best IoU where a failed colour check counts 0 — and, as in
+eval_mig.py (which returns ``ovmax`` before any colour check), an instance whose box is wrong keeps its
+IoU (< 0.5); a missed one counts 0.
+
+What changed from eval_mig.py:
+- Grounding DINO runs through transformers (`GroundingDinoGrounder`; IDEA-Research/grounding-dino-tiny holds
+  the same SwinT-OGC weights) and SAM through transformers' ``SamModel`` (`SamSegmenter`), not the
+  groundingdino / segment_anything packages.
+- Text threshold: eval_mig.py passes 0.25, but groundingdino's ``predict`` uses it only to pick the words of
+  each box's label and never drops a box. Our grounder drops a box whose phrase score is under its text
+  threshold, so the judge grounds with text threshold 0 (`TEXT_THRESHOLD`), which keeps the same boxes.
+  NMS ranks boxes by the noun's best token score instead of the best score over all tokens of the query.
+- Images are judged at their own size (eval_mig.py resizes them to 512×512 first), and detected boxes are
+  clipped to the image by the grounder (eval_mig.py leaves them as predicted).
+- Instances sharing a noun in one image share one query (eval_mig.py repeats the same query per instance).
+  As there, instances are judged independently: two may claim the same detection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from diffrl.boxes import box_iou, nms
+from diffrl.errors import UserError
+from diffrl.eval.metrics import instance_metrics
+from diffrl.layout import Layout
+from diffrl.rewards.grounder import GROUNDING_DINO, Grounder, Grounding, load_pretrained
+
+BOX_THRESHOLD = 0.25  # eval_mig.py's box_t
+TEXT_THRESHOLD = 0.0  # drops no box, like eval_mig.py's text_t = 0.25 inside groundingdino (module doc)
+NMS_IOU = 0.8  # eval_mig.py's NMS_THRESHOLD
+IOU_THRESHOLD = 0.5  # eval_mig.py's miou_threshold
+COLOR_FRACTION = 0.2  # eval_mig.py: the colour fails when under 20% of the mask is in its range
+SAM_MODEL = "facebook/sam-vit-huge"  # the benchmark's SAM: ViT-H (sam_vit_h_4b8939.pth)
+ARTICLES = ("a", "an", "the")
+VERDICTS = ("ok", "wrong box", "wrong colour", "missed")
+
+# eval_mig.py's color_dict, verbatim: OpenCV 8-bit HSV (H in [0, 180], S and V in [0, 255]); each colour is
+# one or more [lower, upper] boxes, bounds inclusive as cv2.inRange. Red wraps around H = 0.
+HSV_RANGES: dict[str, tuple[tuple[tuple[int, int, int], tuple[int, int, int]], ...]] = {
+    "red": (((0, 43, 35), (6, 255, 255)), ((156, 43, 35), (180, 255, 255))),
+    "blue": (((78, 43, 35), (124, 255, 255)),),
+    "green": (((35, 43, 35), (77, 255, 255)),),
+    "yellow": (((20, 43, 35), (34, 255, 255)),),
+    "black": (((0, 0, 0), (180, 255, 35)),),
+    "white": (((0, 0, 221), (180, 43, 255)),),
+    "brown": (((6, 43, 35), (25, 255, 255)),),
+}
+
+Segmenter = Callable[[Tensor, Tensor], Tensor]  # (image [3, H, W] in [0, 1], boxes [n, 4] normalised) → masks [n, H, W] bool
+
+
+def split_phrase(phrase: str) -> tuple[str, str]:
+    """``"a red car"`` → ("red", "car"): an optional article, the colour word, then the noun (all the rest) —
+    eval_mig.py's split (colour = first word, noun = the others). A colour outside `HSV_RANGES` or a phrase
+    without a noun is a UserError."""
+    words = phrase.strip().rstrip(".").lower().split()
+    if words and words[0] in ARTICLES:
+        words = words[1:]
+    if len(words) < 2:
+        raise UserError(f"phrase {phrase!r}: COCO-MIG's judge needs '<colour> <object>', e.g. 'a red car'")
+    if words[0] not in HSV_RANGES:
+        raise UserError(f"phrase {phrase!r}: colour {words[0]!r} is not in COCO-MIG's HSV table "
+                        f"({', '.join(HSV_RANGES)}); the cocomig judge checks only those colours")
+    return words[0], " ".join(words[1:])
+
+
+def parse_layouts(layouts: Sequence[Layout]) -> list[list[tuple[str, str]]]:
+    """Per layout, per instance (colour, noun); the first bad phrase is a UserError naming its layout."""
+    parsed = []
+    for i, layout in enumerate(layouts):
+        try:
+            parsed.append([split_phrase(p) for p in layout.phrases])
+        except UserError as err:
+            prompt = layout.prompt if len(layout.prompt) <= 60 else layout.prompt[:57] + "..."
+            raise UserError(f"layout {i} ({prompt!r}): {err}") from None
+    return parsed
+
+
+def hsv_opencv(rgb: Tensor) -> Tensor:
+    """8-bit RGB [..., 3] (integers 0–255) → HSV [..., 3] long, bit for bit as OpenCV's ``cvtColor`` to HSV
+    computes it for 8-bit images: H in [0, 180), S and V in [0, 255].
+
+    Adapted from OpenCV's ``RGB2HSV_b`` (modules/imgproc/src/color_hsv.simd.hpp): the same fixed-point
+    arithmetic (12-bit shift, divisions through tables rounded half to even), written in torch."""
+    r, g, b = rgb.long().unbind(-1)
+    v = torch.maximum(torch.maximum(r, g), b)
+    diff = v - torch.minimum(torch.minimum(r, g), b)
+    sdiv = torch.where(v > 0, torch.round((255 << 12) / v.double().clamp(min=1)), 0).long()  # sdiv_table[v]
+    hdiv = torch.where(diff > 0, torch.round((180 << 12) / (6 * diff.double().clamp(min=1))), 0).long()  # hdiv_table180
+    s = torch.div(diff * sdiv + (1 << 11), 1 << 12, rounding_mode="floor")
+    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = torch.div(h * hdiv + (1 << 11), 1 << 12, rounding_mode="floor")
+    return torch.stack([torch.where(h < 0, h + 180, h), s, v], -1)
+
+
+def to_uint8(image: Tensor) -> Tensor:
+    """[3, H, W] in [0, 1] → [H, W, 3] uint8 on the CPU (rounded, as a saved PNG holds it)."""
+    return image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu()
+
+
+def in_color(hsv: Tensor, color: str) -> Tensor:
+    """hsv [..., 3] → bool [...]: inside any of ``color``'s HSV ranges, bounds inclusive (cv2.inRange)."""
+    hits = torch.zeros(hsv.shape[:-1], dtype=torch.bool, device=hsv.device)
+    for lower, upper in HSV_RANGES[color]:
+        hits |= ((hsv >= torch.tensor(lower, device=hsv.device)) & (hsv <= torch.tensor(upper, device=hsv.device))).all(-1)
+    return hits
+
+
+def color_fraction(hsv: Tensor, mask: Tensor, color: str) -> float:
+    """hsv [H, W, 3] (`hsv_opencv`), mask [H, W] bool → share of the mask's pixels in ``color``'s range
+    (0 for an empty mask, which therefore fails the check as in eval_mig.py)."""
+    n = int(mask.sum())
+    return float((in_color(hsv, color) & mask).sum()) / n if n else 0.0
+
+
+def box_masks(boxes: Tensor, height: int, width: int) -> Tensor:
+    """boxes [n, 4] normalised xyxy → [n, height, width] bool: the pixels whose centre lies in the box."""
+    x = (torch.arange(width, dtype=torch.float32) + 0.5) / width
+    y = (torch.arange(height, dtype=torch.float32) + 0.5) / height
+    x0, y0, x1, y1 = (boxes[:, i].float().cpu().view(-1, 1, 1) for i in range(4))
+    return (x[None, None, :] >= x0) & (x[None, None, :] < x1) & (y[None, :, None] >= y0) & (y[None, :, None] < y1)
+
+
+@dataclass
+class Verdicts:
+    """The judge's findings per instance, padded to K = the batch's largest instance count."""
+
+    iou: Tensor  # [B, K] best IoU of a detection with the target box (0: nothing found)
+    boxes: Tensor  # [B, K, 4] that detection, normalised xyxy (zeros: nothing found)
+    found: Tensor  # [B, K] bool, the noun was grounded at least once
+    box_ok: Tensor  # [B, K] bool, found ∧ iou ≥ 0.5
+    color_fraction: Tensor  # [B, K] share of the object's pixels in the asked colour's range (0: not checked)
+    color_ok: Tensor  # [B, K] bool, box_ok ∧ color_fraction ≥ 0.2
+    mask: Tensor  # [B, K] bool, a real instance (False: padding)
+
+    @property
+    def success(self) -> Tensor:
+        """[B, K] bool: COCO-MIG's instance success, box and colour right."""
+        return self.box_ok & self.color_ok
+
+    def labels(self) -> list[list[str]]:
+        """Per image, per real instance: "ok", "wrong box", "wrong colour" or "missed"."""
+        out = []
+        for i in range(self.mask.shape[0]):
+            row = []
+            for k in range(int(self.mask[i].sum())):
+                row.append("ok" if self.success[i, k] else "wrong colour" if self.box_ok[i, k]
+                           else "wrong box" if self.found[i, k] else "missed")
+            out.append(row)
+        return out
+
+    @classmethod
+    def empty(cls, b: int, k: int) -> "Verdicts":
+        zeros, false = torch.zeros(b, k), torch.zeros(b, k, dtype=torch.bool)
+        return cls(zeros.clone(), torch.zeros(b, k, 4), false.clone(), false.clone(), zeros.clone(), false.clone(),
+                   false.clone())
+
+    @classmethod
+    def cat(cls, parts: Sequence["Verdicts"]) -> "Verdicts":
+        """Batches of verdicts → one, padded to the largest K."""
+        k = max(p.mask.shape[1] for p in parts)
+
+        def pad(t: Tensor) -> Tensor:
+            widths = (0, 0, 0, k - t.shape[1]) if t.ndim == 3 else (0, k - t.shape[1])
+            return torch.nn.functional.pad(t, widths)
+
+        return cls(**{f.name: torch.cat([pad(getattr(p, f.name)) for p in parts]) for f in fields(cls)})
+
+
+def cocomig_metrics(verdicts: Verdicts, layouts: Sequence[Layout]) -> dict:
+    """Verdicts of ``layouts`` → the summary block ``M`` = {"isr", "miou", "reward", "per_level"} of
+    summary.json, through `instance_metrics` (mIoU counts an instance's IoU unless its colour check failed).
+    ``reward`` is None: the judge gives verdicts, not a reward."""
+    not_refuted = ~verdicts.box_ok | verdicts.color_ok  # a wrong box keeps its IoU, as eval_mig.py's ovmax
+    m = instance_metrics(verdicts.success, verdicts.iou, not_refuted, verdicts.mask, [layout.n for layout in layouts])
+    return {"isr": m["isr"], "miou": m["miou"], "reward": None, "per_level": m["per_level"]}
+
+
+class CocoMigJudge:
+    """``judge(images [B, 3, H, W] in [0, 1], layouts) -> Verdicts`` by COCO-MIG's protocol (module doc).
+
+    ``grounder``: queried with one noun per image entry (`cocomig_grounder` builds Grounding DINO with the
+    protocol's thresholds); ``sam``: a `Segmenter` (e.g. `SamSegmenter`) prompted with the target boxes, or
+    None to use the detected boxes as masks; ``batch_size``: (image, noun) queries per grounder call. A call's
+    ``progress`` shows a bar over those grounder calls.
+    """
+
+    def __init__(self, grounder: Grounder, sam: Segmenter | None = None, batch_size: int = 16):
+        self.grounder = grounder
+        self.sam = sam
+        self.batch_size = batch_size
+
+    @staticmethod
+    def check(layouts: Sequence[Layout]) -> None:
+        """A UserError for the first phrase the judge cannot read — before any image is made."""
+        parse_layouts(layouts)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, layouts: Sequence[Layout], progress: bool = False) -> Verdicts:
+        if images.ndim != 4 or images.shape[0] != len(layouts):
+            raise ValueError(f"got images of shape {tuple(images.shape)} for {len(layouts)} layouts")
+        parsed = parse_layouts(layouts)
+        found = self.ground(images, parsed, progress)
+        v = Verdicts.empty(len(layouts), max(layout.n for layout in layouts))
+        for i, (layout, instances) in enumerate(zip(layouts, parsed)):
+            targets = torch.tensor(layout.boxes)  # [n, 4]
+            v.mask[i, : layout.n] = True
+            for k, (_, noun) in enumerate(instances):
+                detections = found[i, noun]
+                if len(detections.scores):
+                    ious = box_iou(targets[k : k + 1], detections.boxes)[0]  # [M]
+                    best = int(ious.argmax())
+                    v.iou[i, k], v.boxes[i, k], v.found[i, k] = ious[best], detections.boxes[best], True
+            v.box_ok[i] = v.found[i] & (v.iou[i] >= IOU_THRESHOLD)
+            checked = v.box_ok[i].nonzero().flatten().tolist()
+            if not checked:
+                continue
+            if self.sam is not None:
+                masks = self.sam(images[i], targets[checked]).cpu()  # [n, H, W], prompted with the target boxes
+            else:
+                masks = box_masks(v.boxes[i, checked], images.shape[-2], images.shape[-1])
+            hsv = hsv_opencv(to_uint8(images[i]))  # [H, W, 3]
+            for k, mask in zip(checked, masks):
+                v.color_fraction[i, k] = color_fraction(hsv, mask, instances[k][0])
+            v.color_ok[i] = v.box_ok[i] & (v.color_fraction[i] >= COLOR_FRACTION)
+        return v
+
+    def ground(self, images: Tensor, parsed: Sequence[Sequence[tuple[str, str]]],
+               progress: bool = False) -> dict[tuple[int, str], Grounding]:
+        """Every distinct noun of every image grounded alone (one phrase per query), NMS applied:
+        {(image index, noun): candidates}."""
+        queries = [(i, noun) for i, instances in enumerate(parsed) for noun in dict.fromkeys(n for _, n in instances)]
+        found = {}
+        chunks = range(0, len(queries), self.batch_size)
+        for start in tqdm(chunks, desc="cocomig", disable=not progress, leave=False):
+            chunk = queries[start : start + self.batch_size]
+            index = torch.tensor([i for i, _ in chunk], device=images.device)
+            results = self.grounder(images[index], [[noun] for _, noun in chunk])
+            for (i, noun), result in zip(chunk, results):
+                d = result[noun]
+                keep = nms(d.boxes, d.scores, NMS_IOU)
+                found[i, noun] = Grounding(d.boxes[keep], d.scores[keep])
+        return found
+
+
+def cocomig_grounder(model: str | None = None, device: str | torch.device | None = None) -> Grounder:
+    """Grounding DINO (default IDEA-Research/grounding-dino-tiny) with the protocol's thresholds."""
+    from diffrl.rewards.grounder import GroundingDinoGrounder
+
+    if model == "shapes":
+        raise UserError("the cocomig judge grounds nouns with Grounding DINO; the Shapes detector needs whole "
+                        "'<color> <shape>' phrases: pass a Grounding DINO folder as --reward-model, or use --judge reward")
+    return GroundingDinoGrounder(model or GROUNDING_DINO, device, BOX_THRESHOLD, TEXT_THRESHOLD)
+
+
+def load_sam(model: str):
+    """(processor, model) of SAM from a local folder, the Hugging Face cache or the hub (`load_pretrained`);
+    missing weights are a one-line UserError naming ``--sam-model``."""
+    from transformers import SamModel, SamProcessor
+
+    def load(source: str, local_files_only: bool):
+        processor = SamProcessor.from_pretrained(source, local_files_only=local_files_only)
+        return processor, SamModel.from_pretrained(source, local_files_only=local_files_only).eval()
+
+    needed = ["config.json", "model.safetensors|pytorch_model.bin|model.safetensors.index.json",
+              "preprocessor_config.json|processor_config.json"]
+    return load_pretrained("SAM", model, SAM_MODEL, needed, load, pass_as="SamSegmenter(DIR) (CLI: --sam-model DIR)")
+
+
+class SamSegmenter:
+    """SAM through transformers (``SamModel`` + ``SamProcessor``), prompted with one box per object:
+    ``segmenter(image [3, H, W] in [0, 1], boxes [n, 4] normalised xyxy) -> masks [n, H, W] bool``.
+    Of its three masks per box it keeps the one with the highest predicted IoU, as eval_mig.py does with
+    segment_anything's ``SamPredictor.predict(box=..., multimask_output=True)``. ``device``: where SAM runs
+    (None: the image's device)."""
+
+    def __init__(self, model: str = SAM_MODEL, device: str | torch.device | None = None):
+        self.processor, self.model = load_sam(model)
+        self.device = torch.device(device) if device is not None else None
+
+    @torch.no_grad()
+    def __call__(self, image: Tensor, boxes: Tensor) -> Tensor:
+        device = self.device or image.device
+        self.model.to(device)
+        height, width = image.shape[-2:]
+        pixels = boxes.float().cpu() * torch.tensor([width, height, width, height])
+        inputs = self.processor(images=[to_uint8(image).numpy()], input_boxes=[pixels.tolist()], return_tensors="pt")
+        out = self.model(pixel_values=inputs["pixel_values"].to(device), input_boxes=inputs["input_boxes"].to(device),
+                         multimask_output=True)
+        masks = self.processor.image_processor.post_process_masks(
+            out.pred_masks.cpu(), inputs["original_sizes"], inputs["reshaped_input_sizes"])[0]  # [n, 3, H, W]
+        best = out.iou_scores[0].argmax(-1).cpu()  # [n]
+        return masks[torch.arange(len(best)), best].bool()
