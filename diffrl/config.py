@@ -36,7 +36,7 @@ class EnvConfig:
     name: str = option("layout", "--env: the environment")
     data: str = option("shapes", "--data: a dataset name or a JSONL file of layouts")
     levels: list = option([2, 3, 4, 5, 6], "Shapes levels (instance counts) to train on")
-    layouts_per_iter: int = option(16, "distinct layouts per iteration")
+    layouts_per_iter: int = option(64, "distinct layouts per iteration")
     group_size: int = option(4, "samples per layout (GRPO groups)")
     num_steps: int = option(10, "denoising steps per image")
     shift: float = option(1.0, "flow-time shift of the sampling schedule (SD3 uses 3.0 at 1024 px)")
@@ -52,7 +52,7 @@ class PolicyConfig:
 @dataclass
 class AlgoConfig:
     name: str = option("ppo", "--algo: the learner")
-    lr: float = option(3e-5, "learning rate of the generator")
+    lr: float = option(1e-5, "learning rate of the generator")
     epochs: int = option(1, "passes over each iteration's transitions")
     minibatch_size: int = option(64, "samples of one denoising step per gradient step (≥ batch: the whole step)")
     clip_epsilon: float = option(0.2, "PPO ratio clip ζ")
@@ -61,6 +61,7 @@ class AlgoConfig:
     max_grad_norm: float = option(1.0, "gradient-norm clip")
     anchor_steps: int = option(0, "post-window steps per epoch held to the reference by the KL term (0: none)")
     accumulate: bool = option(True, "one optimizer step per epoch, averaging the gradients of all window steps (Flow-GRPO)")
+    ldm_coef: float = option(0.0, "weight λ of I-DRUID's L_ldm: flow matching on paired renders of each iteration's layouts (0: off; --data shapes)")
     critic_lr: float = option(1e-3, "PPO: learning rate of the critic φ")
     critic_coef: float = option(1.0, "PPO: weight of the critic loss (φ(s_t) − r)²")
     normalize_advantage: bool = option(True, "standardise advantages over each iteration's batch")
@@ -89,7 +90,7 @@ class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    iterations: int = option(60, "training iterations (rollout + update each)")
+    iterations: int = option(30, "training iterations (rollout + update each)")
     seed: int = option(0, "seed of data order, noise and initialisation")
     out: str = option("", "run folder (default runs/<algo>-<time>)")
     checkpoint_every: int = option(10, "iterations between checkpoints")
@@ -216,6 +217,10 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("config env.group_size: GRPO compares samples of one layout, so it needs ≥ 2")
     if cfg.policy.train not in ("all", "adapter"):
         raise UserError(f"config policy.train: 'all' or 'adapter', got {cfg.policy.train!r}")
+    if cfg.algo.ldm_coef < 0:
+        raise UserError(f"config algo.ldm_coef: must be ≥ 0, got {cfg.algo.ldm_coef}")
+    if (cfg.algo.ldm_coef > 0 or cfg.algo.name == "sft") and cfg.env.data != "shapes":
+        raise UserError("config algo.ldm_coef / --algo sft need paired images; only --data shapes renders them so far")
     if cfg.algo.log_prob_reduce not in ("sum", "mean"):
         raise UserError(f"config algo.log_prob_reduce: 'sum' or 'mean', got {cfg.algo.log_prob_reduce!r}")
 

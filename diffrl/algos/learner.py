@@ -8,6 +8,10 @@ closed-form: ‖μ_θ − μ_ref‖² / (2σ²).
 
 A subclass defines ``advantages(batch, rewards)`` (and may add a critic); `Learner.update` takes one
 iteration's rollout ``[B, T]``, keeps the RL-window steps, and runs ``epochs`` passes of minibatches.
+
+I-DRUID trains the actor on the joint loss ``L_act = L_ldm + λ_rl·L_rl``; here ``algo.ldm_coef`` = λ weighs
+``L_ldm`` (`diffrl.algos.sft.flow_matching_loss` on paired renders of the iteration's layouts) against
+``L_rl`` (weight 1), added once per optimizer step; 0 (the default) trains on ``L_rl`` alone.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 from torchrl.objectives import ClipPPOLoss
 
+from diffrl.algos.sft import Paired, flow_matching_loss
 from diffrl.config import AlgoConfig
 from diffrl.policies.actor import LOG_PROB_KEY, OBSERVATION_KEYS, SDEPolicyNet
 from diffrl.policies.sde import kl_to_reference
@@ -99,7 +104,13 @@ class Learner:
         batch.set("reward", rewards[:, None].expand(-1, window).clone())
         return batch
 
-    def update(self, rollout: TensorDictBase) -> dict[str, float]:
+    def ldm_loss(self, paired: Paired | None) -> torch.Tensor | None:
+        """``ldm_coef · L_ldm`` on the paired renders, or None when off."""
+        if paired is None or not self.cfg.ldm_coef:
+            return None
+        return self.cfg.ldm_coef * flow_matching_loss(self.policy.generator, paired.latents, paired.cond)
+
+    def update(self, rollout: TensorDictBase, paired: Paired | None = None) -> dict[str, float]:
         """Epochs over the window steps in random order; a minibatch never mixes denoising steps and keeps
         the rollout's sample order, so with ``minibatch_size ≥ B`` the first pass recomputes exactly the
         rollout's forward and the importance ratio is exactly 1. With ``accumulate`` the gradients of a
@@ -125,6 +136,9 @@ class Learner:
                 for key, value in out.items():
                     logs[key].append(float(value.detach()))
                 if (n + 1) % per_step == 0 or n + 1 == len(order):
+                    if (ldm := self.ldm_loss(paired)) is not None:
+                        ldm.backward()
+                        logs["loss_ldm"].append(float(ldm.detach()))
                     if self.cfg.anchor_steps and rollout.shape[1] > window:  # its gradient joins this step's
                         anchor = self.cfg.kl_coef * self.anchor_loss(rollout)
                         anchor.backward()

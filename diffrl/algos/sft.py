@@ -2,16 +2,28 @@
 
     x_t = (1 − t)·x0 + t·ε,   target v = ε − x0,   L_ldm = ‖v_θ(x_t, t, layout) − v‖²
 
-with t drawn logit-normally (SD3's default training density). Used by `diffrl pretrain`.
+with t drawn logit-normally (SD3's default training density). Used by `diffrl pretrain`, by the RL
+learners' joint loss (``algo.ldm_coef``) and by `SFT` (``--algo sft``: I-DRUID's supervised ablation row,
+trained in the same loop as RL — same layouts per iteration, same rollouts logged — with L_ldm alone).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from diffrl.policies.generator import LayoutGenerator
 from diffrl.policies.text import Conditioning
+
+
+@dataclass
+class Paired:
+    """Clean latents of rendered images [N, C, H, W] with their layouts' conditioning (N rows)."""
+
+    latents: Tensor
+    cond: Conditioning
 
 
 def sample_flow_times(n: int, generator: torch.Generator | None = None, device="cpu") -> Tensor:

@@ -24,8 +24,10 @@ from tqdm.auto import tqdm
 
 import diffrl.algos.grpo  # noqa: F401  (registers "grpo")
 import diffrl.algos.ppo  # noqa: F401  (registers "ppo")
+import diffrl.algos.sft_learner  # noqa: F401  (registers "sft")
 import diffrl.envs.layout_env  # noqa: F401  (registers "layout")
 from diffrl.algos.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffrl.algos.sft import Paired
 from diffrl.config import TrainConfig, save_yaml, window_steps
 from diffrl.envs.datasets import make_source
 from diffrl.errors import UserError
@@ -46,6 +48,15 @@ def frozen_copy(generator: LayoutGenerator) -> LayoutGenerator:
     """The reference policy π_ref: the initial denoiser, frozen (the text encoder is shared)."""
     denoiser = copy.deepcopy(generator.denoiser).requires_grad_(False).eval()
     return LayoutGenerator(denoiser, generator.text, generator.space)
+
+
+def paired_renders(generator: LayoutGenerator, store: ConditionStore) -> Paired:
+    """The iteration's layouts (one row each, not one per group member) rendered by the Shapes world: I-DRUID's
+    paired data for L_ldm, free here because the world can draw any layout exactly."""
+    from diffrl.shapes.world import render
+
+    images = render(store.layouts, size=generator.space.size).to(store.conditioning.boxes.device)
+    return Paired(generator.space.encode(images), store.conditioning)
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:
@@ -86,6 +97,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     actor = make_actor(policy, env.action_spec, cfg.algo.log_prob_reduce)
     learner = algo_cls(policy, reference, actor, cfg.algo)
 
+    uses_pairs = cfg.algo.ldm_coef > 0 or cfg.algo.name == "sft"
     eval_set = held_out_layouts(cfg.eval.layouts, cfg.eval.levels, cfg.eval.seed)
     eval_kwargs = dict(num_steps=cfg.env.num_steps, shift=cfg.env.shift, batch_size=cfg.eval.batch_size,
                        seed=cfg.eval.seed, progress=progress)
@@ -115,7 +127,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
                 rollout = env.rollout(cfg.env.num_steps, actor, auto_reset=True)
             rollout_seconds = time.time() - tic
-            logs = learner.update(rollout)
+            logs = learner.update(rollout, paired_renders(generator, store) if uses_pairs else None)
             rewards = rollout["next", "reward"][:, -1, 0]
             info = env.last[2].info
             entry = {

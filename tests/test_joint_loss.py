@@ -1,0 +1,80 @@
+"""I-DRUID's L_ldm beside RL (algo.ldm_coef) and alone (--algo sft), on paired renders of the Shapes world."""
+
+import copy
+import json
+
+import torch
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from diffrl.algos.grpo import GRPO
+from diffrl.algos.sft import flow_matching_loss
+from diffrl.algos.sft_learner import SFT
+from diffrl.algos.trainer import frozen_copy, paired_renders
+from diffrl.cli import main
+from diffrl.config import AlgoConfig
+from diffrl.policies.actor import SDEPolicyNet
+from diffrl.shapes.world import render
+from tests.test_env_and_actor import make
+
+
+def _rollout(generator, learner_cls, **cfg):
+    env, policy, actor, store = make(generator)
+    learner = learner_cls(policy, SDEPolicyNet(frozen_copy(generator), store, 0.7, 2), actor,
+                          AlgoConfig(minibatch_size=1000, **cfg))
+    with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+        rollout = env.rollout(5, actor, auto_reset=True)
+    return learner, rollout, store
+
+
+def _fixed_loss(generator, paired) -> float:
+    with torch.no_grad():
+        return float(flow_matching_loss(generator, paired.latents, paired.cond, torch.Generator().manual_seed(7)))
+
+
+def test_paired_renders_are_the_iterations_layouts_drawn_by_the_world(tiny_generator):
+    _, _, store = _rollout(tiny_generator, GRPO)
+    paired = paired_renders(tiny_generator, store)
+    assert paired.latents.shape == (2, 3, 32, 32) and len(paired.cond) == 2  # one row per layout, not per sample
+    torch.testing.assert_close(paired.latents, render(store.layouts) * 2 - 1)
+    assert torch.equal(paired.cond.boxes, store.conditioning.boxes)
+
+
+def test_sft_lowers_the_flow_matching_loss_on_its_pairs(tiny_generator):
+    generator = copy.deepcopy(tiny_generator)
+    learner, rollout, store = _rollout(generator, SFT, lr=3e-3, epochs=15)
+    paired = paired_renders(generator, store)
+    before = _fixed_loss(generator, paired)
+    logs = learner.update(rollout, paired)
+    after = _fixed_loss(generator, paired)
+    assert after < 0.8 * before, (before, after)
+    assert set(logs) == {"loss_ldm", "grad_norm"}
+
+
+def test_joint_loss_adds_ldm_coef_times_l_ldm_and_logs_it(tiny_generator):
+    generator = copy.deepcopy(tiny_generator)
+    learner, rollout, store = _rollout(generator, GRPO, lr=0.0, ldm_coef=0.5)
+    paired = paired_renders(generator, store)
+    torch.manual_seed(3)
+    got = learner.ldm_loss(paired)
+    torch.manual_seed(3)
+    expected = 0.5 * flow_matching_loss(generator, paired.latents, paired.cond)
+    torch.testing.assert_close(got, expected)
+    assert "loss_ldm" in learner.update(rollout, paired)
+    off, rollout, _ = _rollout(generator, GRPO, lr=0.0)  # ldm_coef 0: the RL loss alone
+    assert off.ldm_loss(paired) is None and "loss_ldm" not in off.update(rollout, paired)
+
+
+def test_sft_runs_through_the_cli_and_needs_paired_data(tmp_path, saved_generator, capsys):
+    run = tmp_path / "sft"
+    code = main(["train", "--model", str(saved_generator), "--algo", "sft", "--iterations", "1", "--out", str(run),
+                 "--quiet", "env.layouts_per_iter=2", "env.num_steps=3", "eval.layouts=5", "eval.grid=2"])
+    assert code == 0
+    (line,) = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert line["loss_ldm"] > 0 and "loss_objective" not in line
+    layouts = tmp_path / "layouts.jsonl"
+    layouts.write_text(json.dumps({"prompt": "a red square", "phrases": ["red square"], "boxes": [[0.1, 0.1, 0.5, 0.5]]}) + "\n")
+    capsys.readouterr()
+    assert main(["train", "--data", str(layouts), "algo.ldm_coef=1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "need paired images" in err[0], err
+    assert not (tmp_path / "x").exists()
