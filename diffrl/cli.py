@@ -63,10 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
     train.add_argument("--config", metavar="FILE.yaml", help="config file; flags and overrides win over it")
     train.add_argument("--device", help="cpu, cuda, cuda:1 …")
+    train.add_argument("--workers", type=int, metavar="N", help="Ray rollout workers (default 0: no Ray, one process)")
+    train.add_argument("--reward-workers", type=int, metavar="N",
+                       help="Ray actors scoring the reward on their own device while rollouts go on (default 0)")
+    train.add_argument("--address", metavar="HOST:PORT", help="join this Ray cluster (`ray start --head` prints it; "
+                       "default: a local Ray when --workers or --reward-workers is set)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("overrides", nargs="*", metavar="section.field=value")
 
-    ev = sub.add_parser("eval", help="ISR / mIoU per level of a generator or a run")
+    ev = sub.add_parser("eval", help="ISR / mIoU per level (and Shapes attribute leakage) of a generator or a run")
     source = ev.add_mutually_exclusive_group()
     source.add_argument("--model", help=f"generator: {_names(MODELS)} or a local folder (default shapes-tiny)")
     source.add_argument("--checkpoint", metavar="RUN", help="a run folder: its model with its last checkpoint")
@@ -85,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sam-model", metavar="DIR|HUB_ID", help="cocomig judge: SAM weights for the object masks (the "
                     "benchmark's: facebook/sam-vit-huge); without it the detected box is the object's region")
     ev.add_argument("--steps", type=int, default=10, help="sampling steps")
+    ev.add_argument("--leakage", type=int, metavar="N", help="attribute leakage on N Shapes probe layouts of adjacent or "
+                    "overlapping same-shape, different-colour pairs (default with --data shapes: min(64, --layouts); "
+                    "0: skip)")
     ev.add_argument("--out", help="where to write eval.json (default: beside the checkpoint, else stdout only); "
                     "the cocomig report goes beside it with the suffix .html")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -98,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     pre.add_argument("--seed", type=int, default=0, help="random seed")
     pre.add_argument("--eval-every", type=int, default=1000, help="steps between quick evaluations (0: none)")
-    pre.add_argument("--init", default="", help="continue from this generator folder instead of a fresh model")
+    pre.add_argument("--init", default="", help="continue from this generator (a registered name such as shapes-tiny, "
+                     "or a folder) instead of a fresh model")
+    pre.add_argument("--idm", action="store_true", help="give the layout adapter I-DRUID's Instance-Disentangled Module "
+                     "and train on L_ldm + λ_dis·L_dis (with --init, a folder without IDM gets a fresh one)")
+    pre.add_argument("--dis-coef", type=float, metavar="λ_dis", help="weight of the IDC loss L_dis (needs --idm; "
+                     "default 0.1 with it)")
 
     sub.add_parser("list", help="print every registry")
     return parser
@@ -119,7 +132,8 @@ def cmd_train(args) -> int:
     flags = {"env.name": args.env, "env.data": args.data, "model.name": args.model, "reward.name": args.reward,
              "reward.model": args.reward_model,
              "algo.name": args.algo, "iterations": args.iterations, "seed": args.seed, "out": args.out,
-             "model.device": args.device}
+             "model.device": args.device, "ray.workers": args.workers, "ray.reward_workers": args.reward_workers,
+             "ray.address": args.address}
     if args.resume:
         flags["out"] = args.resume
     overrides = [(k, v) for k, v in flags.items() if v is not None] + [parse_override(o) for o in args.overrides]
@@ -144,10 +158,16 @@ def cmd_eval(args) -> int:
     from diffrl.policies.generator import load_generator
     from diffrl.rewards import build_reward
 
+    if args.leakage is not None and args.leakage < 0:
+        raise UserError(f"--leakage: must be ≥ 0, got {args.leakage}")
     if args.data == "shapes":
         make_source("shapes", args.levels, seed=args.seed)  # checks the levels
         layouts = held_out_layouts(args.layouts, args.levels, args.seed)
+        leakage_layouts = min(64, args.layouts) if args.leakage is None else args.leakage
     else:
+        if args.leakage:
+            raise UserError("--leakage measures the Shapes world's colours: it needs --data shapes")
+        leakage_layouts = 0
         if not Path(args.data).is_file():
             raise UserError(f"--data {args.data}: no such file")
         layouts = read_layouts(args.data, args.format)
@@ -193,6 +213,15 @@ def cmd_eval(args) -> int:
         metrics, _ = evaluate(generator, reward, layouts, num_steps=args.steps, seed=args.seed,
                               progress=not args.quiet)
         print(_metrics_table(metrics))
+    if leakage_layouts:
+        from diffrl.eval.leakage import evaluate_leakage
+
+        metrics["leakage"] = evaluate_leakage(generator, leakage_layouts, num_steps=args.steps, seed=args.seed,
+                                              progress=not args.quiet)
+        m = metrics["leakage"]
+        print(f"attribute leakage {m['leakage']:.3f}   own colour {m['own_colour']:.3f}   neighbour pixels "
+              f"{m['neighbour_pixels']:.3f}   ({m['instances']} instances in {m['layouts']} adjacent/overlapping "
+              "same-shape pairs)")
     if out:
         out.write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"wrote {out}")
@@ -210,12 +239,20 @@ def cmd_eval(args) -> int:
 def cmd_pretrain(args) -> int:
     from diffrl.algos.pretrain import PretrainConfig, pretrain
 
-    if args.init and not (Path(args.init) / "model_index.json").is_file():
-        raise UserError(f"--init {args.init}: not a generator folder (no model_index.json)")
+    from diffrl.registry import MODELS
+
+    if args.init and args.init not in MODELS and not (Path(args.init) / "model_index.json").is_file():
+        raise UserError(f"--init {args.init}: not a registered model ({_names(MODELS)}) nor a generator folder "
+                        "(no model_index.json)")
     if args.data != "shapes":
         raise UserError("diffrl pretrain trains the embedded Shapes generator: only --data shapes is supported")
+    if args.dis_coef is not None and not args.idm:
+        raise UserError("--dis-coef weighs the IDC loss of IDM: add --idm")
+    if args.dis_coef is not None and args.dis_coef < 0:
+        raise UserError(f"--dis-coef: must be ≥ 0, got {args.dis_coef}")
     cfg = PretrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, levels=tuple(args.levels),
-                         lr=args.lr, seed=args.seed, eval_every=args.eval_every, init=args.init)
+                         lr=args.lr, seed=args.seed, eval_every=args.eval_every, init=args.init, idm=args.idm,
+                         **({"dis_coef": args.dis_coef} if args.dis_coef is not None else {}))
     print(f"saved generator to {pretrain(cfg)}")
     return 0
 

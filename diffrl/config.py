@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -16,6 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from diffrl.errors import UserError
+from diffrl.files import atomic_write_text
 
 
 def option(default: Any, help: str):
@@ -29,6 +31,8 @@ def option(default: Any, help: str):
 class ModelConfig:
     name: str = option("shapes-tiny", "--model: a registered generator name or a generator folder")
     device: str = option("cpu", "device for generator, env and learner (cpu, cuda, cuda:1)")
+    text_cache: int = option(4096, "text embeddings kept between batches (0: encode each batch afresh, slower; a run resumed "
+                             "after a kill is then bit-identical, as a cached embedding's last bits depend on its first batch)")
 
 
 @dataclass
@@ -62,6 +66,7 @@ class AlgoConfig:
     anchor_steps: int = option(0, "post-window steps per epoch held to the reference by the KL term (0: none)")
     accumulate: bool = option(True, "one optimizer step per epoch, averaging the gradients of all window steps (Flow-GRPO)")
     ldm_coef: float = option(0.0, "weight λ of I-DRUID's L_ldm: flow matching on paired renders of each iteration's layouts (0: off; --data shapes)")
+    dis_coef: float = option(0.0, "weight λ_dis of I-DRUID's IDC loss L_dis on each training forward (0: off; needs a generator with IDM, see `diffrl pretrain --idm`)")
     critic_lr: float = option(1e-3, "PPO: learning rate of the critic φ")
     critic_coef: float = option(1.0, "PPO: weight of the critic loss (φ(s_t) − r)²")
     normalize_advantage: bool = option(True, "standardise advantages over each iteration's batch")
@@ -83,6 +88,20 @@ class EvalConfig:
 
 
 @dataclass
+class RayConfig:
+    workers: int = option(0, "--workers: Ray rollout actors, each a policy replica with its env (0: everything in this process, Ray not started)")
+    reward_workers: int = option(0, "--reward-workers: Ray actors scoring rewards on their own device while rollouts go on (0: none)")
+    address: str = option("", "--address: join this Ray cluster (host:port printed by `ray start --head`, or auto); '': start a local one")
+    worker_cpus: float = option(1.0, "CPUs per rollout worker (fractions allowed; also its torch threads, at least 1)")
+    worker_gpus: float = option(0.0, "GPUs per rollout worker (fractions share a GPU; > 0 runs the worker on cuda)")
+    reward_cpus: float = option(1.0, "CPUs per reward worker")
+    reward_gpus: float = option(0.0, "GPUs per reward worker (> 0 runs the reward on cuda)")
+    chunk_layouts: int = option(0, "layouts per rollout chunk (0: layouts_per_iter split in 2 chunks per rollout worker, or in 4 without rollout workers)")
+    max_restarts: int = option(3, "replacements of a dead worker or reward actor per chunk before the run stops")
+    dashboard: bool = option(False, "start Ray's dashboard (bound to 127.0.0.1) with a local cluster")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -90,6 +109,7 @@ class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     iterations: int = option(30, "training iterations (rollout + update each)")
     seed: int = option(0, "seed of data order, noise and initialisation")
     out: str = option("", "run folder (default runs/<algo>-<time>)")
@@ -211,6 +231,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"config policy.window: must be in (0, 1], got {cfg.policy.window}")
     if cfg.policy.noise_level <= 0:
         raise UserError(f"config policy.noise_level: must be > 0 for RL to explore, got {cfg.policy.noise_level}")
+    if cfg.model.text_cache < 0:
+        raise UserError(f"config model.text_cache: must be ≥ 0, got {cfg.model.text_cache}")
     if cfg.env.num_steps < 1 or cfg.env.layouts_per_iter < 1 or cfg.env.group_size < 1:
         raise UserError("config env.num_steps, env.layouts_per_iter and env.group_size must be ≥ 1")
     if cfg.algo.name == "grpo" and cfg.env.group_size < 2:
@@ -219,10 +241,22 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"config policy.train: 'all' or 'adapter', got {cfg.policy.train!r}")
     if cfg.algo.ldm_coef < 0:
         raise UserError(f"config algo.ldm_coef: must be ≥ 0, got {cfg.algo.ldm_coef}")
+    if cfg.algo.dis_coef < 0:
+        raise UserError(f"config algo.dis_coef: must be ≥ 0, got {cfg.algo.dis_coef}")
     if (cfg.algo.ldm_coef > 0 or cfg.algo.name == "sft") and cfg.env.data != "shapes":
         raise UserError("config algo.ldm_coef / --algo sft need paired images; only --data shapes renders them so far")
     if cfg.algo.log_prob_reduce not in ("sum", "mean"):
         raise UserError(f"config algo.log_prob_reduce: 'sum' or 'mean', got {cfg.algo.log_prob_reduce!r}")
+    r = cfg.ray
+    for key, value in (("workers", r.workers), ("reward_workers", r.reward_workers), ("chunk_layouts", r.chunk_layouts),
+                       ("max_restarts", r.max_restarts), ("worker_gpus", r.worker_gpus), ("reward_gpus", r.reward_gpus)):
+        if value < 0:
+            flag = {"workers": "--workers", "reward_workers": "--reward-workers"}.get(key, f"config ray.{key}")
+            raise UserError(f"{flag}: must be ≥ 0, got {value}")
+    if r.worker_cpus <= 0 or r.reward_cpus <= 0:
+        raise UserError("config ray.worker_cpus and ray.reward_cpus must be > 0 (fractions such as 0.5 are fine)")
+    if r.address and not (r.workers or r.reward_workers):
+        raise UserError(f"--address {r.address}: nothing would run on the cluster; add --workers N and/or --reward-workers N")
 
 
 def window_steps(cfg: TrainConfig) -> int:
@@ -230,5 +264,18 @@ def window_steps(cfg: TrainConfig) -> int:
     return max(1, round(cfg.policy.window * cfg.env.num_steps))
 
 
+def chunk_layouts(cfg: TrainConfig) -> int:
+    """Layouts per rollout chunk when rollouts or rewards run on Ray (see `diffrl.distributed.ray_workers`)."""
+    if cfg.ray.chunk_layouts:
+        return min(cfg.ray.chunk_layouts, cfg.env.layouts_per_iter)
+    chunks = 2 * cfg.ray.workers if cfg.ray.workers else 4
+    return math.ceil(cfg.env.layouts_per_iter / chunks)
+
+
+def uses_ray(cfg: TrainConfig) -> bool:
+    """Whether rollouts or rewards leave this process (else Ray is never imported)."""
+    return cfg.ray.workers > 0 or cfg.ray.reward_workers > 0
+
+
 def save_yaml(cfg: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -9,9 +9,12 @@ closed-form: ‖μ_θ − μ_ref‖² / (2σ²).
 A subclass defines ``advantages(batch, rewards)`` (and may add a critic); `Learner.update` takes one
 iteration's rollout ``[B, T]``, keeps the RL-window steps, and runs ``epochs`` passes of minibatches.
 
-I-DRUID trains the actor on the joint loss ``L_act = L_ldm + λ_rl·L_rl``; here ``algo.ldm_coef`` = λ weighs
-``L_ldm`` (`diffrl.algos.sft.flow_matching_loss` on paired renders of the iteration's layouts) against
+I-DRUID trains the actor on the joint loss ``L_act = L_ldm + λ_dis·L_dis + λ_rl·L_rl``; here ``algo.ldm_coef`` = λ
+weighs ``L_ldm`` (`diffrl.algos.sft.flow_matching_loss` on paired renders of the iteration's layouts) against
 ``L_rl`` (weight 1), added once per optimizer step; 0 (the default) trains on ``L_rl`` alone.
+``algo.dis_coef`` = λ_dis adds the IDC loss ``L_dis`` (`diffrl.policies.idm`) of the very forward that scores each
+minibatch — the policy on the rollout's own states, so it needs no paired images — as ``loss_dis``; it needs a
+generator whose layout adapter has IDM (`require_idm`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torchrl.objectives import ClipPPOLoss
 
 from diffrl.algos.sft import Paired, flow_matching_loss
 from diffrl.config import AlgoConfig
+from diffrl.errors import UserError
 from diffrl.policies.actor import LOG_PROB_KEY, OBSERVATION_KEYS, SDEPolicyNet
 from diffrl.policies.sde import kl_to_reference
 
@@ -59,12 +63,21 @@ class RefKLClipPPOLoss(ClipPPOLoss):
         return out
 
 
+def require_idm(cfg: AlgoConfig, generator) -> None:
+    """``algo.dis_coef > 0`` needs IDM in the generator's layout adapter (a user error otherwise)."""
+    if cfg.dis_coef > 0 and not generator.denoiser.adapter.config.idm:
+        raise UserError(f"config algo.dis_coef={cfg.dis_coef} needs a generator with IDM, and this one has none: "
+                        "pre-train one with `diffrl pretrain --idm` (--init MODEL adds IDM to a trained generator) and "
+                        "pass it as --model, or set algo.dis_coef=0")
+
+
 class Learner:
     """The update loop shared by the clipped-surrogate learners."""
 
     name = "base"
 
     def __init__(self, policy: SDEPolicyNet, reference: SDEPolicyNet, actor, cfg: AlgoConfig, critic=None):
+        require_idm(cfg, policy.generator)
         self.policy = policy
         self.reference = reference
         self.cfg = cfg
@@ -110,6 +123,12 @@ class Learner:
             return None
         return self.cfg.ldm_coef * flow_matching_loss(self.policy.generator, paired.latents, paired.cond)
 
+    def dis_loss(self) -> torch.Tensor | None:
+        """``dis_coef · L_dis`` of the policy's last forward, or None when off."""
+        if not self.cfg.dis_coef:
+            return None
+        return self.cfg.dis_coef * self.policy.generator.denoiser.adapter.last_dis
+
     def update(self, rollout: TensorDictBase, paired: Paired | None = None) -> dict[str, float]:
         """Epochs over the window steps in random order; a minibatch never mixes denoising steps and keeps
         the rollout's sample order, so with ``minibatch_size ≥ B`` the first pass recomputes exactly the
@@ -131,6 +150,8 @@ class Learner:
             order = [chunks[i] for i in torch.randperm(len(chunks)).tolist()]
             for n, (step, start) in enumerate(order):
                 out = self.loss(batch[start : start + self.cfg.minibatch_size, step])
+                if (dis := self.dis_loss()) is not None:  # of the forward that just scored this minibatch
+                    out.set("loss_dis", dis)
                 total = sum(v for k, v in out.items() if k.startswith("loss_"))
                 (total / per_step).backward()
                 for key, value in out.items():

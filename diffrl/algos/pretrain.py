@@ -4,7 +4,12 @@ Few-instance layouts only (L1–L3 by default), so that RL later has real headro
 layouts — the cross-scenario gap I-DRUID targets. AdamW with warm-up and cosine decay, gradient
 clipping, and an exponential moving average of the weights, which is what gets saved.
 The result is a generator folder (`LayoutGenerator.save_pretrained`) that ``--model`` accepts;
-``--init`` continues from such a folder (a new warm-up and cosine schedule).
+``--init`` continues from such a folder or a registered model (a new warm-up and cosine schedule).
+
+``--idm`` gives the layout adapter I-DRUID's Instance-Disentangled Module and trains on
+``L = L_ldm + λ_dis·L_dis`` (``--dis-coef``), L_dis from the same forward as L_ldm. With ``--init`` a folder
+without IDM gets a fresh one, which starts as the identity (`diffrl.policies.idm`), so training continues
+from the same model.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from tqdm.auto import tqdm
 from diffrl.algos.sft import flow_matching_loss
 from diffrl.eval.evaluate import evaluate, held_out_layouts
 from diffrl.policies.backbones.tiny import build_tiny_generator
-from diffrl.policies.generator import LayoutGenerator
+from diffrl.policies.generator import load_generator
 from diffrl.rewards.shapes import ShapesReward
 from diffrl.shapes.world import render, sample_layouts
 
@@ -40,13 +45,18 @@ class PretrainConfig:
     eval_every: int = 1000  # steps between quick evaluations (0: none)
     eval_layouts: int = 120  # held-out L1–L3 layouts for those evaluations
     num_steps: int = 10  # sampling steps used by the evaluations
-    init: str = ""  # continue from this generator folder instead of a fresh model
+    init: str = ""  # continue from this generator (registered name or folder) instead of a fresh model
+    idm: bool = False  # give the layout adapter I-DRUID's IDM and train with its L_dis
+    dis_coef: float = 0.1  # λ_dis: weight of L_dis when idm (ignored without)
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    model = LayoutGenerator.from_pretrained(cfg.init) if cfg.init else build_tiny_generator(seed=cfg.seed)
+    model = load_generator(cfg.init) if cfg.init else build_tiny_generator(seed=cfg.seed)
+    if cfg.idm:
+        model.denoiser.adapter.enable_idm()
+    dis_coef = cfg.dis_coef if model.denoiser.adapter.config.idm else 0.0
     ema = copy.deepcopy(model.denoiser).requires_grad_(False)
     params = list(model.denoiser.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -64,7 +74,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
     for step in bar:
         layouts = sample_layouts(cfg.batch_size, list(cfg.levels), generator=data_rng)
         x0 = model.space.encode(render(layouts, size=model.space.size))
-        loss = flow_matching_loss(model, x0, model.encode_layouts(layouts), generator=noise_rng)
+        ldm = flow_matching_loss(model, x0, model.encode_layouts(layouts), generator=noise_rng)
+        dis = model.denoiser.adapter.last_dis if dis_coef else None  # of the same forward
+        loss = ldm + dis_coef * dis if dis is not None else ldm
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -74,10 +86,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
             decay = min(cfg.ema, (1 + step) / (10 + step))
             for p_ema, p in zip(ema.parameters(), params):
                 p_ema.lerp_(p, 1 - decay)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        losses = {"loss": ldm.item(), **({"loss_dis": dis.item()} if dis is not None else {})}
+        bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             metrics = _evaluate_ema(model, ema, reward, held_out, cfg)
-            entry = {"step": step + 1, "loss": loss.item(), "seconds": time.time() - start, **metrics}
+            entry = {"step": step + 1, **losses, "seconds": time.time() - start, **metrics}
             log.append(entry)
             bar.write(json.dumps(entry))
     model.denoiser.load_state_dict(ema.state_dict())

@@ -2,7 +2,8 @@
 
 It runs in the RL loop so that it sees exactly what an RL learner sees (the same layouts per iteration,
 the same logged rollouts and evaluations); each optimizer step is ``epochs`` steps of
-``L_ldm`` on the iteration's layouts, and no RL term, critic or reference KL.
+``L_ldm`` on the iteration's layouts, and no RL term, critic or reference KL. With ``algo.dis_coef`` > 0 (a generator
+with IDM) each step's loss is ``L_ldm + λ_dis·L_dis``, L_dis from the same forward, logged as ``loss_dis``.
 """
 
 from __future__ import annotations
@@ -28,12 +29,19 @@ class SFT(Learner):
         if paired is None:
             raise ValueError("SFT trains on paired images: pass paired=")
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        losses, norms = [], []
+        losses, dis_losses, norms = [], [], []
         for _ in range(self.cfg.epochs):
-            loss = flow_matching_loss(self.policy.generator, paired.latents, paired.cond)
+            ldm = flow_matching_loss(self.policy.generator, paired.latents, paired.cond)
+            loss = ldm
+            if (dis := self.dis_loss()) is not None:  # of the forward that just computed L_ldm
+                dis_losses.append(float(dis.detach()))
+                loss = ldm + dis
             loss.backward()
             norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-        return {"loss_ldm": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms)}
+            losses.append(float(ldm.detach()))
+        logs = {"loss_ldm": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms)}
+        if dis_losses:
+            logs["loss_dis"] = sum(dis_losses) / len(dis_losses)
+        return logs

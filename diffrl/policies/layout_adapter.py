@@ -13,6 +13,28 @@ gligen/ldm/modules/diffusionmodules/text_grounding_net.py ``PositionNet``) as di
 The fusers run as forward pre-hooks on the backbone's transformer blocks, so the backbone keeps
 its own class, state dict and ``save_pretrained`` format; adapter weights live apart.
 Both gates start at zero: a fresh adapter leaves the backbone's output unchanged.
+
+With ``idm=True`` every fuser carries I-DRUID's Instance-Disentangled Module (`diffrl.policies.idm`).
+In this MM-DiT adapter its inputs and the IDC loss's attention maps are:
+
+* **E, the enhanced features** — the fuser's attention output split by key. For image token t, head h,
+  ``Attn(x; [x, g])_t = Σ_j p_tj·v_j`` over image keys j plus ``Σ_i p_ti·v_i`` over grounding tokens i, so
+  ``E_i[t] = p_ti·v_i`` (all heads, [C = dim]) is what instance i contributes at t, and the global feature
+  ``E_{n+1}[t] = Σ_j p_tj·v_j`` is the layout-free part every token sees (the role MIGC's global-prompt
+  cross-attention plays; SD3's prompt tokens themselves are attended inside the block that follows).
+  ``Σ_i E_i`` is exactly the plain attention output. Tokens form the [h, w] patch grid, row-major.
+  The probabilities p_ti come from the same fused attention call, by appending one one-hot channel per
+  grounding token to the values, so no T×T attention matrix is materialised.
+* **M, the masks** — the token cells a box overlaps (`box_token_mask`, whatever ``box_mask`` says);
+  all ones for the global feature.
+* the fuser then uses ``m · Σ_i R⁺_i`` (m = real instances + 1) in place of ``Σ_i E_i``: at init α = 1/m,
+  so a fresh IDM changes nothing.
+* **R±_CA, the attention maps** — per instance, the box-average of R±_i is a descriptor d±_i; it is
+  projected as a key (``to_kv``'s key half of ``norm1(to_out(d±_i))``) and every image token's query
+  (the fuser's own) attends to it: ``R±_CA,i = mean over heads of softmax over tokens of q_t·k_i/√d``,
+  an [h, w] map summing to 1. A descriptor made of the instance's relevant channels should match only
+  its own box; CAS measures how unevenly it matches outside. L_dis of a forward is the mean over fusers
+  (`LayoutAdapter.last_dis`).
 """
 
 from __future__ import annotations
@@ -23,6 +45,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from diffrl.policies.idm import InstanceDisentangler, disentangle_loss, split
 
 
 @dataclass
@@ -35,6 +59,7 @@ class LayoutAdapterConfig:
     num_heads: int = 4  # heads of the gated attention
     fourier_freqs: int = 8  # frequencies per box coordinate in the Fourier embedding
     box_mask: bool = True  # image tokens attend only to grounding tokens of boxes they overlap
+    idm: bool = False  # I-DRUID's Instance-Disentangled Module in every fuser (and its L_dis); False: the plain adapter
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,7 +102,7 @@ class GroundingTokens(nn.Module):
 class GatedFuser(nn.Module):
     """x ← x + tanh(γ_a)·Attn(x; [x, g]) ; x ← x + tanh(γ_d)·FF(x), with γ_a = γ_d = 0 at init."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, idm: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(dim)
@@ -88,6 +113,7 @@ class GatedFuser(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
         self.gate_attn = nn.Parameter(torch.zeros(1))
         self.gate_dense = nn.Parameter(torch.zeros(1))
+        self.idm = InstanceDisentangler(dim) if idm else None  # None: no IDM weights in the state dict
 
     def forward(self, x: Tensor, grounding: Tensor, key_mask: Tensor) -> Tensor:
         # x: [N, T, D] image tokens; grounding: [N, K, D]; key_mask: [N, T, K] bool (may see instance k)
@@ -103,6 +129,70 @@ class GatedFuser(nn.Module):
         x = x + torch.tanh(self.gate_attn).to(x.dtype) * out
         return x + torch.tanh(self.gate_dense).to(x.dtype) * self.ff(self.norm2(x))
 
+    def features(self, x: Tensor, grounding: Tensor, key_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The attention of `forward` split by key → (queries [N, h, T, d/h], E [N, K+1, D, T]).
+
+        E[:, i] (i < K) is what grounding token i adds to each image token's attention output, E[:, K] the
+        part from image keys; E.sum(1) is the attention output `forward` feeds to ``to_out``."""
+        n, t, d = x.shape
+        h, k_count = self.num_heads, grounding.shape[1]
+        both = self.norm1(torch.cat([x, grounding], dim=1))  # [N, T+K, D]
+        q = self.to_q(both[:, :t]).view(n, t, h, d // h).transpose(1, 2)
+        k, v = self.to_kv(both).view(n, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)  # [N, h, T+K, d/h] each
+        reads = torch.cat([v.new_zeros(t, k_count), torch.eye(k_count, dtype=v.dtype, device=v.device)])  # [T+K, K]
+        values = torch.cat([v, reads.expand(n, h, -1, -1)], dim=-1)  # one-hot channels read p_ti out
+        attn_mask = torch.cat([key_mask.new_ones(n, t, t), key_mask], dim=2)[:, None]  # [N, 1, T, T+K]
+        out = F.scaled_dot_product_attention(q, k, values, attn_mask=attn_mask)  # [N, h, T, d/h + K]
+        total, probs = out[..., : d // h], out[..., d // h :]  # [N, h, T, d/h], [N, h, T, K]
+        per_instance = probs[..., None] * v[:, :, None, t:]  # [N, h, T, K, 1]·[N, h, 1, K, d/h]
+        image_part = total - per_instance.sum(dim=3)
+        e = torch.cat([per_instance, image_part[:, :, :, None]], dim=3)  # [N, h, T, K+1, d/h]
+        return q, e.permute(0, 3, 1, 4, 2).reshape(n, k_count + 1, d, t)  # channel = head·(d/h) + j, as `forward`
+
+    def forward_idm(self, x: Tensor, grounding: Tensor, key_mask: Tensor, box_masks: Tensor, instance_mask: Tensor,
+                    grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """`forward` with IDM between the attention and ``to_out`` → (fused tokens [N, T, D], L_dis scalar).
+
+        box_masks: [N, T, K] bool, token overlaps box i; instance_mask: [N, K] bool; grid: (h, w), h·w = T."""
+        n, t, d = x.shape
+        q, e = self.features(x, grounding, key_mask)  # [N, h, T, d/h], [N, m, D, T]
+        m = e.shape[1]
+        masks = torch.cat([box_masks.transpose(1, 2), box_masks.new_ones(n, 1, t)], dim=1).to(e.dtype)  # [N, m, T]
+        valid = torch.cat([instance_mask, instance_mask.new_ones(n, 1)], dim=1)  # [N, m]
+        alpha = self.idm(e.view(n, m, d, *grid), masks.view(n, m, *grid), valid)  # [N, m, D]
+        pos, neg = split(alpha, e)  # [N, m, D, T] each
+        fused = valid.sum(dim=1).to(e.dtype)[:, None, None] * pos.sum(dim=1)  # [N, D, T]; = Σ E when α = 1/m
+        out = self.to_out(fused.transpose(1, 2))
+        x = x + torch.tanh(self.gate_attn).to(x.dtype) * out
+        x = x + torch.tanh(self.gate_dense).to(x.dtype) * self.ff(self.norm2(x))
+        inst_masks = masks[:, :-1].view(n, m - 1, *grid)
+        maps_pos = self.instance_maps(q, pos[:, :-1], masks[:, :-1]).view(n, m - 1, *grid)
+        maps_neg = self.instance_maps(q, neg[:, :-1], masks[:, :-1]).view(n, m - 1, *grid)
+        return x, disentangle_loss(maps_pos, maps_neg, inst_masks, instance_mask)
+
+    def instance_maps(self, q: Tensor, features: Tensor, masks: Tensor) -> Tensor:
+        """R_CA: queries [N, h, T, d/h], per-instance features [N, K, D, T], masks [N, K, T] → maps [N, K, T].
+
+        Each instance's features, averaged over its box, are keyed like a token; the map is where the image
+        tokens' queries look for that key (softmax over tokens, mean over heads)."""
+        n, h, t, hd = q.shape
+        area = masks.sum(dim=-1, keepdim=True).clamp(min=1.0)  # [N, K, 1]
+        descriptor = (features * masks[:, :, None]).sum(dim=-1) / area  # [N, K, D]
+        key = self.to_kv(self.norm1(self.to_out(descriptor)))[..., : h * hd].view(n, -1, h, hd).transpose(1, 2)
+        logits = q @ key.transpose(-1, -2) / hd**0.5  # [N, h, T, K]
+        return torch.softmax(logits, dim=2).mean(dim=1).transpose(1, 2)  # [N, K, T]
+
+
+@dataclass
+class ActiveGrounding:
+    """What the attached blocks see during one forward (see `LayoutAdapter.grounding`)."""
+
+    tokens: Tensor  # [N, K, D] grounding tokens
+    key_mask: Tensor  # [N, T, K] bool, image token t may attend to grounding token k
+    box_masks: Tensor  # [N, T, K] bool, token t overlaps box k (IDM's masks)
+    instance_mask: Tensor  # [N, K] bool, real instance
+    grid: tuple[int, int]  # (h, w) token grid, h·w = T
+
 
 class FuserHook:
     """The pre-hook of block i: fuse the adapter's active grounding into the block's image tokens.
@@ -116,14 +206,23 @@ class FuserHook:
         self.index = index
 
     def __call__(self, module, args, kwargs):
-        if self.adapter._active is None:
+        active = self.adapter._active
+        if active is None:
             return None
-        grounding, key_mask = self.adapter._active
         fuser = self.adapter.fusers[self.index]
+
+        def fuse(x: Tensor) -> Tensor:
+            if fuser.idm is None:
+                return fuser(x, active.tokens, active.key_mask)
+            x, dis = fuser.forward_idm(x, active.tokens, active.key_mask, active.box_masks, active.instance_mask,
+                                       active.grid)
+            self.adapter._dis_terms.append(dis)
+            return x
+
         if "hidden_states" in kwargs:
-            kwargs["hidden_states"] = fuser(kwargs["hidden_states"], grounding, key_mask)
+            kwargs["hidden_states"] = fuse(kwargs["hidden_states"])
         else:  # gradient checkpointing passes positionally
-            args = (fuser(args[0], grounding, key_mask), *args[1:])
+            args = (fuse(args[0]), *args[1:])
         return args, kwargs
 
 
@@ -134,9 +233,25 @@ class LayoutAdapter(nn.Module):
         super().__init__()
         self.config = cfg
         self.tokens = GroundingTokens(cfg)
-        self.fusers = nn.ModuleList(GatedFuser(cfg.dim, cfg.num_heads) for _ in range(cfg.num_blocks))
-        self._active: tuple[Tensor, Tensor] | None = None  # (grounding [N,K,D], key_mask [N,T,K]) during a forward
+        self.fusers = nn.ModuleList(GatedFuser(cfg.dim, cfg.num_heads, cfg.idm) for _ in range(cfg.num_blocks))
+        self._active: ActiveGrounding | None = None  # set during a forward
         self._handles: list = []
+        self._dis_terms: list[Tensor] = []  # L_dis of each IDM fuser in the running forward
+        self.last_dis: Tensor | None = None  # L_dis of the last forward (mean over fusers); None without IDM
+
+    def enable_idm(self) -> None:
+        """Give every fuser a fresh IDM (a no-op if it has one): the outputs stay the same until it trains."""
+        if self.config.idm:
+            return
+        self.config.idm = True
+        like = self.fusers[0].gate_attn
+        for fuser in self.fusers:
+            fuser.idm = InstanceDisentangler(self.config.dim).to(device=like.device, dtype=like.dtype)
+
+    def __getstate__(self):  # copies and pickles never carry the last forward's graph
+        state = super().__getstate__()
+        state.update(last_dis=None, _dis_terms=[], _active=None)
+        return state
 
     def attach(self, blocks: nn.ModuleList) -> None:
         """Run fuser i before block i; the block receives the fused image tokens."""
@@ -152,13 +267,18 @@ class LayoutAdapter(nn.Module):
     def grounding(self, phrase_embeds: Tensor, boxes: Tensor, instance_mask: Tensor, grid: tuple[int, int]):
         """Within this context the attached blocks see these layouts' grounding tokens."""
         tokens = self.tokens(phrase_embeds, boxes)
+        box_masks = box_token_mask(boxes, instance_mask, *grid)
         if self.config.box_mask:
-            key_mask = box_token_mask(boxes, instance_mask, *grid)
+            key_mask = box_masks
         else:
             key_mask = instance_mask[:, None, :].expand(-1, grid[0] * grid[1], -1)
-        self._active = (tokens, key_mask)
+        self._active = ActiveGrounding(tokens, key_mask, box_masks, instance_mask, tuple(grid))
+        self._dis_terms = []
         try:
             yield
+            if self._dis_terms:
+                self.last_dis = torch.stack(self._dis_terms).mean()
         finally:
             self._active = None
+            self._dis_terms = []
 
