@@ -1,16 +1,21 @@
-"""Checkpoints: one safetensors file per save, written atomically (temp file + rename).
+"""Checkpoints: one safetensors file per save, written atomically (temp file, fsync, rename).
 
-A checkpoint holds the trainable modules' weights, the optimizer state, the iteration counter
-and every RNG a continuation depends on (torch's global RNG, the env's noise generator and the
-data source's generator), so ``--resume`` picks up where the run stopped. Non-tensor state
-(optimizer hyper-parameters, the iteration) goes into the safetensors metadata as JSON.
-A file that is not complete never has the final name, so a torn write is never read.
+A checkpoint holds everything that defines the continuation of a run: the trainable modules' weights
+(the denoiser or its adapter, and PPO's critic), the optimizer state (its moments and step counts, and
+its param groups, learning rates included — the learning rate is constant, there is no schedule to
+save), the iteration counter, and every RNG (`capture_rng`): torch's global RNG (the learner's
+minibatch order and, on the CPU, the policy's sampling noise), the CUDA RNG of the run's device when it
+has one (the policy's sampling noise on a GPU), the env's initial-noise generator and the data source's
+position (its generator, and a JSONL source's pending order). Rollouts on Ray draw their noise from
+seeds made from (seed, iteration, chunk), so they add no state. Non-tensor state (param groups, the
+iteration) goes into the safetensors metadata as JSON. No pickle anywhere: loading runs no code.
+A file that is not complete never has the final name, so a torn write is never read; a stale
+temporary file left by a kill is removed when the run resumes.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -18,6 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from diffrl.files import atomic_write
 
 PATTERN = re.compile(r"checkpoint-(\d+)\.safetensors$")
 
@@ -36,9 +43,7 @@ def save_checkpoint(
         tensors[f"rng.{name}"] = state.cpu().contiguous()
     meta = {"iteration": str(iteration), "param_groups": json.dumps(opt["param_groups"])}
     final = folder / f"checkpoint-{iteration:06d}.safetensors"
-    tmp = folder / f".{final.name}.tmp"
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, final)
+    atomic_write(final, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     for old in sorted(_checkpoints(folder))[:-keep]:
         old[1].unlink()
     return final
@@ -48,7 +53,14 @@ def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return [(int(m.group(1)), p) for p in folder.glob("checkpoint-*.safetensors") if (m := PATTERN.search(p.name))]
 
 
+def remove_stale(folder: Path) -> None:
+    """Delete temporary files an interrupted save left (only when resuming: a live run may be writing one)."""
+    for stale in folder.glob(".checkpoint-*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint."""
     found = sorted(_checkpoints(folder))
     return found[-1][1] if found else None
 
@@ -71,3 +83,25 @@ def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer: torch.
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
     return int(meta["iteration"]), rng
+
+
+def capture_rng(env_noise: torch.Generator, source, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every RNG state the continuation of a run depends on, by name (see the module docstring)."""
+    rng = {"torch": torch.get_rng_state(), "env_noise": env_noise.get_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    if hasattr(source, "state_dict"):
+        rng.update({f"data.{k}": v for k, v in source.state_dict().items()})
+    return rng
+
+
+def restore_rng(rng: dict[str, torch.Tensor], env_noise: torch.Generator, source, device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    env_noise.set_state(rng["env_noise"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    data = {k[len("data."):]: v for k, v in rng.items() if k.startswith("data.")}
+    if data:
+        source.load_state_dict(data)
+    elif "data" in rng:  # checkpoints written before the source's whole state was kept
+        source.generator.set_state(rng["data"])

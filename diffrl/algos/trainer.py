@@ -8,13 +8,25 @@ A run folder holds:
     samples_before.png   held-out samples of the base model, target boxes drawn over
     samples_after.png    the same layouts and noise after training
     summary.json         {"base": M, "final": M, "iterations", "wall_seconds", "eval_layouts"}
+
+Rollouts run in this process (the default: `LayoutEnv.rollout` on the learner's generator, no Ray) or,
+with ``--workers N`` / ``--reward-workers N``, in chunks on Ray actors (`diffrl.distributed.ray_workers`),
+gathered in a fixed order into the same ``[B, T]`` rollout. Either way the reward is guarded
+(`GuardedReward`): samples whose reward is NaN/inf or raised are counted (``invalid_samples``,
+``reward_errors``), said in ``events`` and left out of the update. Every file a resume reads is written
+atomically, so ``--resume`` after a SIGKILL at any moment continues from the last complete checkpoint.
+In one process with a fixed seed the continuation reproduces the uninterrupted run's metrics; bit for bit
+with ``model.text_cache=0`` (a cached text embedding keeps the last bits of the batch it was first encoded
+in, which a restarted process has not seen; with the cache, KL columns can differ in their last bits).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
+from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -26,11 +38,15 @@ import diffrl.algos.grpo  # noqa: F401  (registers "grpo")
 import diffrl.algos.ppo  # noqa: F401  (registers "ppo")
 import diffrl.algos.sft_learner  # noqa: F401  (registers "sft")
 import diffrl.envs.layout_env  # noqa: F401  (registers "layout")
-from diffrl.algos.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffrl.algos.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, remove_stale, restore_rng,
+                                    save_checkpoint)
+from diffrl.algos.learner import require_idm
 from diffrl.algos.sft import Paired
-from diffrl.config import TrainConfig, save_yaml, window_steps
+from diffrl.config import TrainConfig, chunk_layouts, save_yaml, uses_ray, window_steps
+from diffrl.distributed.ray_workers import ScaleOut
 from diffrl.envs.datasets import make_source
 from diffrl.errors import UserError
+from diffrl.files import atomic_write_text
 from diffrl.eval.evaluate import evaluate, held_out_layouts
 from diffrl.eval.visualize import save_grid
 from diffrl.policies.actor import SDEPolicyNet, make_actor
@@ -38,6 +54,7 @@ from diffrl.policies.generator import LayoutGenerator, load_generator
 from diffrl.policies.text import ConditionStore
 from diffrl.registry import ALGOS, ENVS
 from diffrl.rewards import build_reward
+from diffrl.rewards.guard import GuardedReward
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -64,7 +81,20 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
     and a last line torn by a kill (no newline)."""
     if path.is_file():
         lines = [line for line in path.read_text().splitlines(keepends=True) if line.endswith("\n") and line.strip()]
-        path.write_text("".join(line for line in lines if json.loads(line)["iteration"] <= iteration))
+        atomic_write_text(path, "".join(line for line in lines if json.loads(line)["iteration"] <= iteration))
+
+
+@contextmanager
+def oom_hint(what: str):
+    """A GPU out-of-memory error becomes one line naming the knob to lower."""
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        raise UserError(f"GPU out of memory {what}") from err
+
+
+def _report(event: str) -> None:
+    tqdm.write(f"diffrl: {event}", file=sys.stderr)
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -76,94 +106,148 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.model.device)
     source = make_source(cfg.env.data, cfg.env.levels, seed=cfg.seed)
-    reward = build_reward(cfg.reward.name, cfg.reward.model or None)
+    reward = build_reward(cfg.reward.name, cfg.reward.model or None) if not cfg.ray.reward_workers else None
     env_cls, algo_cls = ENVS.get(cfg.env.name), ALGOS.get(cfg.algo.name)
-    generator = load_generator(cfg.model.name).to(device)
+    with oom_hint(f"placing the generator on {device}: it needs a device with more free memory (--device)"):
+        generator = load_generator(cfg.model.name).to(device)
+    generator.text.cache_size = cfg.model.text_cache
+    require_idm(cfg.algo, generator)
     if cfg.policy.train == "adapter":
         generator.denoiser.transformer.requires_grad_(False)
-    run.mkdir(parents=True, exist_ok=True)
-    cfg.out = str(run)
-    save_yaml(cfg, run / "config.yaml")
+    with ExitStack() as cleanup:
+        scale = cleanup.enter_context(ScaleOut(cfg, generator, device)) if uses_ray(cfg) else None  # Ray starts here only
+        if scale is not None and scale.reward is not None:
+            reward = scale.reward  # evaluations score on the reward actors too
+        run.mkdir(parents=True, exist_ok=True)
+        cfg.out = str(run)
+        save_yaml(cfg, run / "config.yaml")
 
-    store = ConditionStore()
-    env = env_cls(
-        generator, reward, source, store,
-        layouts_per_reset=cfg.env.layouts_per_iter, group_size=cfg.env.group_size,
-        num_steps=cfg.env.num_steps, shift=cfg.env.shift, seed=cfg.seed, device=device,
-    )
-    window = window_steps(cfg)
-    policy = SDEPolicyNet(generator, store, cfg.policy.noise_level, window)
-    reference = SDEPolicyNet(frozen_copy(generator), store, cfg.policy.noise_level, window)
-    actor = make_actor(policy, env.action_spec, cfg.algo.log_prob_reduce)
-    learner = algo_cls(policy, reference, actor, cfg.algo)
+        store = ConditionStore()
+        guarded = GuardedReward(reward)
+        env = env_cls(
+            generator, guarded, source, store,
+            layouts_per_reset=cfg.env.layouts_per_iter, group_size=cfg.env.group_size,
+            num_steps=cfg.env.num_steps, shift=cfg.env.shift, seed=cfg.seed, device=device,
+        )
+        window = window_steps(cfg)
+        policy = SDEPolicyNet(generator, store, cfg.policy.noise_level, window)
+        reference = SDEPolicyNet(frozen_copy(generator), store, cfg.policy.noise_level, window)
+        actor = make_actor(policy, env.action_spec, cfg.algo.log_prob_reduce)
+        learner = algo_cls(policy, reference, actor, cfg.algo)
 
-    uses_pairs = cfg.algo.ldm_coef > 0 or cfg.algo.name == "sft"
-    eval_set = held_out_layouts(cfg.eval.layouts, cfg.eval.levels, cfg.eval.seed)
-    eval_kwargs = dict(num_steps=cfg.env.num_steps, shift=cfg.env.shift, batch_size=cfg.eval.batch_size,
-                       seed=cfg.eval.seed, progress=progress)
-    start_iteration, wall_before = 0, 0.0
-    checkpoints = run / "checkpoints"
-    if resume and (latest := latest_checkpoint(checkpoints)) is not None:
-        start_iteration, rng = load_checkpoint(latest, learner.trainable_modules(), learner.optimizer)
-        torch.set_rng_state(rng["torch"])
-        env.noise_generator.set_state(rng["env_noise"])
-        source.load_state_dict({"generator": rng["data"]})
-        base = json.loads((run / "base.json").read_text())
-        wall_before = base.pop("wall_seconds_so_far", 0.0)
-        _truncate_metrics(run / "metrics.jsonl", start_iteration)
-    else:
-        base, base_images = evaluate(generator, reward, eval_set, desc="eval base", **eval_kwargs)
-        save_grid(run / "samples_before.png", base_images[: cfg.eval.grid], eval_set[: cfg.eval.grid])
-        (run / "base.json").write_text(json.dumps(base, indent=2) + "\n")
+        uses_pairs = cfg.algo.ldm_coef > 0 or cfg.algo.name == "sft"
+        eval_set = held_out_layouts(cfg.eval.layouts, cfg.eval.levels, cfg.eval.seed)
+        eval_kwargs = dict(num_steps=cfg.env.num_steps, shift=cfg.env.shift, batch_size=cfg.eval.batch_size,
+                           seed=cfg.eval.seed, progress=progress)
+        eval_oom = f"in evaluation: lower eval.batch_size (now {cfg.eval.batch_size})"
+        rollout_oom = (f"while generating rollouts: lower env.layouts_per_iter (now {cfg.env.layouts_per_iter})"
+                       + (f" or ray.chunk_layouts (now {chunk_layouts(cfg)})" if scale is not None else ""))
+        update_oom = (f"in the update: lower algo.minibatch_size (now {cfg.algo.minibatch_size}) or env.layouts_per_iter "
+                      f"(now {cfg.env.layouts_per_iter})")
+        start_iteration, wall_before = 0, 0.0
+        checkpoints = run / "checkpoints"
+        if resume and (latest := latest_checkpoint(checkpoints)) is not None:
+            remove_stale(checkpoints)
+            start_iteration, rng = load_checkpoint(latest, learner.trainable_modules(), learner.optimizer)
+            restore_rng(rng, env.noise_generator, source, device)
+            base = json.loads((run / "base.json").read_text())
+            wall_before = base.pop("wall_seconds_so_far", 0.0)
+        else:
+            with oom_hint(eval_oom):
+                base, base_images = evaluate(generator, reward, eval_set, desc="eval base", **eval_kwargs)
+            save_grid(run / "samples_before.png", base_images[: cfg.eval.grid], eval_set[: cfg.eval.grid])
+            atomic_write_text(run / "base.json", json.dumps(base, indent=2) + "\n")
+        if resume:
+            _truncate_metrics(run / "metrics.jsonl", start_iteration)
 
-    from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run / "tb"))
-    bar = tqdm(range(start_iteration, cfg.iterations), desc=f"train {cfg.algo.name}", disable=not progress,
-               initial=start_iteration, total=cfg.iterations)
-    with open(run / "metrics.jsonl", "a") as metrics_file:
-        for iteration in bar:
-            tic = time.time()
-            with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
-                rollout = env.rollout(cfg.env.num_steps, actor, auto_reset=True)
-            rollout_seconds = time.time() - tic
-            logs = learner.update(rollout, paired_renders(generator, store) if uses_pairs else None)
-            rewards = rollout["next", "reward"][:, -1, 0]
-            info = env.last[2].info
-            entry = {
-                "iteration": iteration + 1,
-                "reward_mean": float(rewards.mean()),
-                "reward_std": float(rewards.std()),
-                **({"train_isr": float(info["success"][info["instance_mask"]].float().mean())} if "success" in info else {}),
-                **{f"reward/{k[5:]}": float(v.float().mean()) for k, v in info.items() if k.startswith("part/")},
-                **logs,
-                "rollout_seconds": rollout_seconds,
-                "seconds": time.time() - tic,
-            }
-            metrics_file.write(json.dumps(entry) + "\n")
-            metrics_file.flush()
-            for key, value in entry.items():
-                if key != "iteration":
-                    writer.add_scalar(f"train/{key}", value, iteration + 1)
-            bar.set_postfix(reward=f"{entry['reward_mean']:.3f}", kl=f"{logs.get('kl_ref', 0):.3g}")
-            if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations:
-                rng = {"torch": torch.get_rng_state(), "env_noise": env.noise_generator.get_state()}
-                if hasattr(source, "state_dict"):
-                    rng["data"] = source.state_dict()["generator"]
-                save_checkpoint(checkpoints, iteration + 1, learner.trainable_modules(), learner.optimizer, rng)
-                (run / "base.json").write_text(
-                    json.dumps({**base, "wall_seconds_so_far": wall_before + time.time() - started_run}, indent=2) + "\n"
-                )
-    writer.close()
+        writer = SummaryWriter(str(run / "tb"))
+        bar = tqdm(range(start_iteration, cfg.iterations), desc=f"train {cfg.algo.name}", disable=not progress,
+                   initial=start_iteration, total=cfg.iterations)
+        with open(run / "metrics.jsonl", "a") as metrics_file:
+            for iteration in bar:
+                tic = time.time()
+                with oom_hint(rollout_oom):
+                    if scale is None:
+                        with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+                            rollout = env.rollout(cfg.env.num_steps, actor, auto_reset=True)
+                        out, errors, events, stats = env.last[2], guarded.take_errors(), [], {}
+                    else:  # the same layouts the env would draw, denoised in chunks on Ray
+                        layouts = source.sample(cfg.env.layouts_per_iter)
+                        got = scale.collect(iteration, layouts)
+                        store.set(layouts, generator.encode_layouts(layouts).to(device))
+                        rollout, out, errors, events, stats = got.rollout.to(device), got.reward, got.errors, got.events, got.stats
+                rollout_seconds = time.time() - tic
+                rollout, rewards, valid = _drop_invalid(rollout, errors, events, iteration)
+                with oom_hint(update_oom):
+                    logs = learner.update(rollout, paired_renders(generator, store) if uses_pairs else None) if len(rewards) else {}
+                entry = {
+                    "iteration": iteration + 1,
+                    **({"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())} if len(rewards) else {}),
+                    **_reward_logs(out.info, valid.to(out.rewards.device)),
+                    **logs,
+                    "invalid_samples": int((~valid).sum()),
+                    "reward_errors": len(errors),
+                    **stats,
+                    "rollout_seconds": rollout_seconds,
+                    "seconds": time.time() - tic,
+                    **({"events": events} if events else {}),
+                }
+                metrics_file.write(json.dumps(entry) + "\n")
+                metrics_file.flush()
+                for event in events:
+                    _report(f"iteration {iteration + 1}: {event}")
+                for key, value in entry.items():
+                    if key != "iteration" and isinstance(value, (int, float)):
+                        writer.add_scalar(f"train/{key}", value, iteration + 1)
+                if "reward_mean" in entry:
+                    bar.set_postfix(reward=f"{entry['reward_mean']:.3f}", kl=f"{logs.get('kl_ref', 0):.3g}")
+                if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations:
+                    rng = capture_rng(env.noise_generator, source, device)
+                    save_checkpoint(checkpoints, iteration + 1, learner.trainable_modules(), learner.optimizer, rng)
+                    atomic_write_text(run / "base.json", json.dumps(
+                        {**base, "wall_seconds_so_far": wall_before + time.time() - started_run}, indent=2) + "\n")
+        writer.close()
 
-    final, final_images = evaluate(generator, reward, eval_set, desc="eval final", **eval_kwargs)
-    save_grid(run / "samples_after.png", final_images[: cfg.eval.grid], eval_set[: cfg.eval.grid])
-    summary = {
-        "base": base,
-        "final": final,
-        "iterations": cfg.iterations,
-        "wall_seconds": wall_before + time.time() - started_run,  # this process plus earlier ones of a resumed run
-        "eval_layouts": len(eval_set),
-    }
-    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return run
+        with oom_hint(eval_oom):
+            final, final_images = evaluate(generator, reward, eval_set, desc="eval final", **eval_kwargs)
+        save_grid(run / "samples_after.png", final_images[: cfg.eval.grid], eval_set[: cfg.eval.grid])
+        summary = {
+            "base": base,
+            "final": final,
+            "iterations": cfg.iterations,
+            "wall_seconds": wall_before + time.time() - started_run,  # this process plus earlier ones of a resumed run
+            "eval_layouts": len(eval_set),
+        }
+        atomic_write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return run
+
+
+def _drop_invalid(rollout, errors: list[str], events: list[str], iteration: int):
+    """Leave out of the update the samples whose reward is NaN/inf (the guard's mark for a reward that raised).
+    → (rollout [B', T], rewards [B'], valid [B] bool); what was dropped is said in ``events``."""
+    rewards = rollout["next", "reward"][:, -1, 0]  # [B] terminal rewards
+    valid = torch.isfinite(rewards)
+    invalid = int((~valid).sum())
+    if errors:
+        if len(errors) == len(valid):  # not a sample's problem: the reward itself is broken
+            raise RuntimeError(f"the reward raised on every sample of iteration {iteration + 1}: {errors[0]}")
+        events.append(f"the reward raised on {len(errors)} sample(s), left out of the update: {errors[0]}")
+    if invalid > len(errors):
+        events.append(f"{invalid - len(errors)} sample(s) got a NaN/inf reward, left out of the update")
+    if not invalid:
+        return rollout, rewards, valid  # untouched: the same tensors as before any of this existed
+    if invalid == len(valid):
+        events.append("no sample left to learn from: this iteration's update was skipped")
+    return rollout[valid], rewards[valid], valid
+
+
+def _reward_logs(info: dict[str, torch.Tensor], valid: torch.Tensor) -> dict[str, float]:
+    """Train ISR and each composite part's mean, over the samples that count (``valid`` [B])."""
+    rows = (lambda v: v) if bool(valid.all()) else (lambda v: v[valid])
+    logs = {}
+    if "success" in info:
+        logs["train_isr"] = float(rows(info["success"])[rows(info["instance_mask"])].float().mean())
+    logs.update({f"reward/{k[5:]}": float(rows(v).float().mean()) for k, v in info.items() if k.startswith("part/")})
+    return logs
