@@ -31,8 +31,7 @@ def option(default: Any, help: str):
 class ModelConfig:
     name: str = option("shapes-tiny", "--model: a registered generator name or a generator folder")
     device: str = option("cpu", "device for generator, env and learner (cpu, cuda, cuda:1)")
-    text_cache: int = option(4096, "text embeddings kept between batches (0: encode each batch afresh, slower; a run resumed "
-                             "after a kill is then bit-identical, as a cached embedding's last bits depend on its first batch)")
+    text_cache: int = option(4096, "text embeddings kept between batches (0: encode every batch afresh, slower)")
 
 
 @dataclass

@@ -68,7 +68,6 @@ def test_two_workers_train_on_synced_weights_and_killed_actors_lose_nothing(tmp_
         "env": {"layouts_per_iter": 2, "group_size": 2, "num_steps": 3},
         "eval": {"layouts": 5, "batch_size": 5, "grid": 4},
         "algo": {"lr": 1e-3},  # big steps: a worker sampling with stale weights would show in the ratios
-        "model": {"text_cache": 0},  # see tests/test_sigkill_resume.py: makes a restarted worker bit-identical
         "ray": {"worker_cpus": 0.5, "reward_cpus": 0.5, "chunk_layouts": 1},  # 2 chunks per iteration
     }))
     common = ["train", "--model", str(saved_generator), "--algo", "grpo", "--config", str(config), "--iterations", "3",

@@ -2,24 +2,16 @@
 
 import json
 
-import pytest
 import yaml
 
 from diffrl.cli import main
 
 TIMING = {"seconds", "rollout_seconds"}
-# The frozen reference's forward, first run in a fresh process, can differ from the long-running one in
-# the last bits (CPU kernel choice); the KL it feeds is compared to 1e-6, everything else exactly.
-LAST_BITS = {"kl_ref", "loss_kl"}
 
 
 def _metrics(run):
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING | LAST_BITS}
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
             for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _kl(run):
-    return [json.loads(line)[k] for line in (run / "metrics.jsonl").read_text().splitlines() for k in sorted(LAST_BITS)]
 
 
 def test_resumed_run_matches_the_uninterrupted_run(tmp_path, saved_generator):
@@ -35,6 +27,5 @@ def test_resumed_run_matches_the_uninterrupted_run(tmp_path, saved_generator):
         f.write(json.dumps({"iteration": 3, "reward_mean": -1.0}) + '\n{"iteration": 4, "rew')
     assert main(["train", "--resume", str(part), "--iterations", "3", "--quiet"]) == 0
     assert _metrics(part) == _metrics(whole)
-    assert _kl(part) == pytest.approx(_kl(whole), rel=1e-6)
     assert [m["iteration"] for m in _metrics(part)] == [1, 2, 3]
     assert json.loads((part / "summary.json").read_text())["final"] == json.loads((whole / "summary.json").read_text())["final"]

@@ -1,10 +1,8 @@
 """A `diffrl train` process killed with SIGKILL — before its first checkpoint and again mid-run — and resumed
 with --resume RUN each time, ends with exactly the metrics and final evaluation of an uninterrupted run.
 
-The runs use ``model.text_cache=0``: a text embedding kept in the cache carries the last bits of the batch
-it was first encoded in, and a resumed process has not seen the batches the killed one cached (with the
-default cache, tests/test_resume.py shows the KL columns differing in the last bits, and further
-iterations would carry that on). Everything a checkpoint holds is compared bit for bit."""
+Everything a checkpoint holds is compared bit for bit, with the default text cache (each string is encoded
+on its own, so a resumed process gets the same embeddings as the killed one)."""
 
 import json
 import os
@@ -59,8 +57,7 @@ def _resume(run):
 def test_sigkilled_run_resumes_to_the_uninterrupted_runs_metrics(tmp_path, saved_generator):
     config = tmp_path / "small.yaml"
     config.write_text(yaml.safe_dump({"env": {"layouts_per_iter": 2, "group_size": 2, "num_steps": 3},
-                                      "eval": {"layouts": 5, "batch_size": 5, "grid": 4}, "checkpoint_every": 1,
-                                      "model": {"text_cache": 0}}))
+                                      "eval": {"layouts": 5, "batch_size": 5, "grid": 4}, "checkpoint_every": 1}))
     args = ["train", "--model", str(saved_generator), "--algo", "ppo", "--config", str(config), "--iterations", "5",
             "--quiet"]
     whole, part = tmp_path / "whole", tmp_path / "part"

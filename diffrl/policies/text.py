@@ -41,8 +41,10 @@ class TextEncoder:
     """A transformers text encoder with projection (CLIP-style) and its tokenizer, with a string cache.
 
     ``encode(texts)`` returns per-token embeddings [N, L, D] (padded to the tokenizer's
-    ``model_max_length``, so one text always gets the same embedding whatever it is batched with)
-    and pooled embeddings [N, P]. Results are cached per string (LRU, ``cache_size`` entries).
+    ``model_max_length``) and pooled embeddings [N, P]. Results are cached per string (LRU,
+    ``cache_size`` entries). Each new string is encoded on its own: a batched forward gives the same
+    values only up to the last bits, which would then depend on the batch a string first came in,
+    and a run resumed in a fresh process would drift from the uninterrupted one.
     """
 
     def __init__(self, tokenizer, model: torch.nn.Module, cache_size: int = 4096):
@@ -58,17 +60,16 @@ class TextEncoder:
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        if missing:
+        for text in missing:  # one at a time: a string's embedding never depends on its batch (class doc)
             tokens = self.tokenizer(
-                missing,
+                [text],
                 padding="max_length",
                 truncation=True,
                 max_length=self.tokenizer.model_max_length,
                 return_tensors="pt",
             ).to(self.device)
             out = self.model(input_ids=tokens["input_ids"])
-            for i, text in enumerate(missing):
-                self._cache[text] = (out.last_hidden_state[i], out.text_embeds[i])
+            self._cache[text] = (out.last_hidden_state[0], out.text_embeds[0])
         hidden = torch.stack([self._cache[t][0] for t in texts])
         pooled = torch.stack([self._cache[t][1] for t in texts])
         for t in texts:
