@@ -242,7 +242,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"config algo.ldm_coef: must be ≥ 0, got {cfg.algo.ldm_coef}")
     if cfg.algo.dis_coef < 0:
         raise UserError(f"config algo.dis_coef: must be ≥ 0, got {cfg.algo.dis_coef}")
-    if (cfg.algo.ldm_coef > 0 or cfg.algo.name == "sft") and cfg.env.data != "shapes":
+    if uses_paired_data(cfg) and cfg.env.data != "shapes":
         raise UserError("config algo.ldm_coef / --algo sft need paired images; only --data shapes renders them so far")
     if cfg.algo.log_prob_reduce not in ("sum", "mean"):
         raise UserError(f"config algo.log_prob_reduce: 'sum' or 'mean', got {cfg.algo.log_prob_reduce!r}")
@@ -256,6 +256,11 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("config ray.worker_cpus and ray.reward_cpus must be > 0 (fractions such as 0.5 are fine)")
     if r.address and not (r.workers or r.reward_workers):
         raise UserError(f"--address {r.address}: nothing would run on the cluster; add --workers N and/or --reward-workers N")
+
+
+def uses_paired_data(cfg: TrainConfig) -> bool:
+    """Does the learner train on paired renders (the L_ldm term, or SFT alone)?"""
+    return cfg.algo.ldm_coef > 0 or cfg.algo.name == "sft"
 
 
 def window_steps(cfg: TrainConfig) -> int:

@@ -42,7 +42,7 @@ from diffrl.algos.checkpoint import (capture_rng, latest_checkpoint, load_checkp
                                     save_checkpoint)
 from diffrl.algos.learner import require_idm
 from diffrl.algos.sft import Paired
-from diffrl.config import TrainConfig, chunk_layouts, save_yaml, uses_ray, window_steps
+from diffrl.config import TrainConfig, chunk_layouts, save_yaml, uses_paired_data, uses_ray, window_steps
 from diffrl.distributed.ray_workers import ScaleOut
 from diffrl.envs.datasets import make_source
 from diffrl.errors import UserError
@@ -135,7 +135,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         actor = make_actor(policy, env.action_spec, cfg.algo.log_prob_reduce)
         learner = algo_cls(policy, reference, actor, cfg.algo)
 
-        uses_pairs = cfg.algo.ldm_coef > 0 or cfg.algo.name == "sft"
+        uses_pairs = uses_paired_data(cfg)
         eval_set = held_out_layouts(cfg.eval.layouts, cfg.eval.levels, cfg.eval.seed)
         eval_kwargs = dict(num_steps=cfg.env.num_steps, shift=cfg.env.shift, batch_size=cfg.eval.batch_size,
                            seed=cfg.eval.seed, progress=progress)
