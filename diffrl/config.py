@@ -32,6 +32,14 @@ class ModelConfig:
     name: str = option("shapes-tiny", "--model: a registered generator name or a generator folder")
     device: str = option("cpu", "device for generator, env and learner (cpu, cuda, cuda:1)")
     text_cache: int = option(4096, "text embeddings kept between batches (0: encode every batch afresh, slower)")
+    dtype: str = option("float32", "weights and activations of the generator: float32, bfloat16 or float16 (log-probs are float32 always)")
+    lora_rank: int = option(-1, "LoRA rank on the backbone (-1: 16 for real models such as SD3, off for shapes-tiny; 0: off)")
+    lora_alpha: float = option(0.0, "LoRA alpha, the update scales by alpha/rank (0: alpha = rank)")
+    lora_targets: list = option([], "backbone modules LoRA adapts (names or suffixes; []: SD3's attention projections)")
+    t5: bool = option(False, "SD3: load the T5-XXL text encoder too (off: its tokens are zeros, as diffusers does without it; saves ~9 GiB)")
+    adapter: str = option("", "layout adapter checkpoint folder (config.json + model.safetensors) for a real model ('': a fresh one, gates 0)")
+    guidance_scale: float = option(1.0, "classifier-free guidance scale s in rollout and training (1: off; SD3 samples at ~5–7)")
+    gradient_checkpointing: bool = option(False, "recompute the backbone's activations in the backward pass (less memory, slower)")
 
 
 @dataclass
@@ -230,6 +238,20 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"config policy.window: must be in (0, 1], got {cfg.policy.window}")
     if cfg.policy.noise_level <= 0:
         raise UserError(f"config policy.noise_level: must be > 0 for RL to explore, got {cfg.policy.noise_level}")
+    m = cfg.model
+    if m.dtype not in DTYPES:
+        raise UserError(f"config model.dtype: one of {', '.join(DTYPES)}, got {m.dtype!r}")
+    if m.lora_rank < -1:
+        raise UserError(f"config model.lora_rank: -1 (auto), 0 (off) or a rank ≥ 1, got {m.lora_rank}")
+    if m.lora_alpha < 0:
+        raise UserError(f"config model.lora_alpha: must be ≥ 0 (0: alpha = rank), got {m.lora_alpha}")
+    if not all(isinstance(t, str) and t for t in m.lora_targets):
+        raise UserError(f"config model.lora_targets: a list of module names such as [to_q, to_k], got {m.lora_targets!r}")
+    if m.guidance_scale < 1:
+        raise UserError(f"config model.guidance_scale: must be ≥ 1 (1: no guidance), got {m.guidance_scale}")
+    if m.adapter and not (Path(m.adapter) / "config.json").is_file():
+        raise UserError(f"config model.adapter {m.adapter}: no config.json there; pass a layout adapter folder "
+                        "(as `diffrl export` writes under layout_adapter/)")
     if cfg.model.text_cache < 0:
         raise UserError(f"config model.text_cache: must be ≥ 0, got {cfg.model.text_cache}")
     if cfg.env.num_steps < 1 or cfg.env.layouts_per_iter < 1 or cfg.env.group_size < 1:
@@ -256,6 +278,9 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("config ray.worker_cpus and ray.reward_cpus must be > 0 (fractions such as 0.5 are fine)")
     if r.address and not (r.workers or r.reward_workers):
         raise UserError(f"--address {r.address}: nothing would run on the cluster; add --workers N and/or --reward-workers N")
+
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def uses_paired_data(cfg: TrainConfig) -> bool:

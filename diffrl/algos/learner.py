@@ -30,6 +30,7 @@ from diffrl.algos.sft import Paired, flow_matching_loss
 from diffrl.config import AlgoConfig
 from diffrl.errors import UserError
 from diffrl.policies.actor import LOG_PROB_KEY, OBSERVATION_KEYS, SDEPolicyNet
+from diffrl.policies.lora import TrainableOnly, has_lora
 from diffrl.policies.sde import kl_to_reference
 
 
@@ -65,6 +66,10 @@ class RefKLClipPPOLoss(ClipPPOLoss):
 
 def require_idm(cfg: AlgoConfig, generator) -> None:
     """``algo.dis_coef > 0`` needs IDM in the generator's layout adapter (a user error otherwise)."""
+    if cfg.dis_coef > 0 and getattr(generator.denoiser, "adapter", None) is None:  # GLIGEN's own fusers only
+        raise UserError(f"config algo.dis_coef={cfg.dis_coef} needs IDM, which lives in diffrl's layout adapter, and this "
+                        "GLIGEN model grounds through its own gated fusers without one: pass model.adapter=FOLDER "
+                        "(a layout adapter with IDM for this UNet), or set algo.dis_coef=0")
     if cfg.dis_coef > 0 and not generator.denoiser.adapter.config.idm:
         raise UserError(f"config algo.dis_coef={cfg.dis_coef} needs a generator with IDM, and this one has none: "
                         "pre-train one with `diffrl pretrain --idm` (--init MODEL adds IDM to a trained generator) and "
@@ -98,8 +103,10 @@ class Learner:
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
-        """What a checkpoint must hold to continue: the policy weights and, for PPO, the critic."""
-        modules = {"denoiser": self.policy.generator.denoiser}
+        """What a checkpoint must hold to continue: the policy weights (with LoRA only the trainable ones: LoRA
+        and the layout adapter) and, for PPO, the critic."""
+        denoiser = self.policy.generator.denoiser
+        modules = {"denoiser": TrainableOnly(denoiser) if has_lora(denoiser) else denoiser}
         if self.critic is not None:
             modules["critic"] = self.critic
         return modules

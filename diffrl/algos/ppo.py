@@ -26,7 +26,7 @@ class PPO(Learner):
 
     def __init__(self, policy: SDEPolicyNet, reference: SDEPolicyNet, actor, cfg: AlgoConfig):
         generator = policy.generator
-        value_net = ValueNet(policy.store, generator.latent_shape[0], generator.denoiser.transformer.config.pooled_projection_dim)
+        value_net = ValueNet(policy.store, generator.latent_shape[0], generator.text.pooled_dim)
         super().__init__(policy, reference, actor, cfg, critic=make_critic(value_net))
 
     def advantages(self, batch: TensorDict, rewards: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffrl.algos.sft import flow_matching_loss
+from diffrl.errors import UserError
 from diffrl.eval.evaluate import evaluate, held_out_layouts
 from diffrl.policies.backbones.tiny import build_tiny_generator
 from diffrl.policies.generator import load_generator
@@ -54,9 +55,16 @@ def pretrain(cfg: PretrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     model = load_generator(cfg.init) if cfg.init else build_tiny_generator(seed=cfg.seed)
+    if model.space.kind != "pixels":
+        raise UserError(f"--init {cfg.init}: diffrl pretrain trains the Shapes world's pixel-space generator; fine-tune "
+                        "a latent-space model with `diffrl train --model ... --algo sft` instead")
+    adapter = getattr(model.denoiser, "adapter", None)
+    if cfg.idm and adapter is None:
+        raise UserError(f"--idm: --init {cfg.init} has no layout adapter to carry IDM (a GLIGEN checkpoint grounds "
+                        "with its own fusers); start from a model with a diffrl layout adapter")
     if cfg.idm:
-        model.denoiser.adapter.enable_idm()
-    dis_coef = cfg.dis_coef if model.denoiser.adapter.config.idm else 0.0
+        adapter.enable_idm()
+    dis_coef = cfg.dis_coef if adapter is not None and adapter.config.idm else 0.0
     ema = copy.deepcopy(model.denoiser).requires_grad_(False)
     params = list(model.denoiser.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -73,7 +81,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     bar = tqdm(range(cfg.steps), desc="pretrain")
     for step in bar:
         layouts = sample_layouts(cfg.batch_size, list(cfg.levels), generator=data_rng)
-        x0 = model.space.encode(render(layouts, size=model.space.size))
+        x0 = model.space.encode(render(layouts, size=model.space.image_size))
         ldm = flow_matching_loss(model, x0, model.encode_layouts(layouts), generator=noise_rng)
         dis = model.denoiser.adapter.last_dis if dis_coef else None  # of the same forward
         loss = ldm + dis_coef * dis if dis is not None else ldm

@@ -2,7 +2,8 @@
 
     x_t = (1 − t)·x0 + t·ε,   target v = ε − x0,   L_ldm = ‖v_θ(x_t, t, layout) − v‖²
 
-with t drawn logit-normally (SD3's default training density). Used by `diffrl pretrain`, by the RL
+(the noising and the target come from the generator's sampler, so an ε-predicting UNet gets its own), with
+t drawn logit-normally (SD3's default training density). Used by `diffrl pretrain`, by the RL
 learners' joint loss (``algo.ldm_coef``) and by `SFT` (``--algo sft``: I-DRUID's supervised ablation row,
 trained in the same loop as RL — same layouts per iteration, same rollouts logged — with L_ldm alone).
 """
@@ -34,10 +35,10 @@ def sample_flow_times(n: int, generator: torch.Generator | None = None, device="
 def flow_matching_loss(
     model: LayoutGenerator, x0: Tensor, cond: Conditioning, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Mean squared velocity error for clean latents x0 [B, C, H, W] under their conditioning."""
+    """Mean squared error of the model output against the sampler's target (flow: v = ε − x0) for clean latents
+    x0 [B, C, H, W] under their conditioning (no guidance: the conditional model is what is trained)."""
     t = sample_flow_times(x0.shape[0], generator, x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-    tt = t.view(-1, 1, 1, 1)
-    x_t = (1 - tt) * x0 + tt * noise
-    v = model.velocity(x_t, t, cond)
-    return ((v.float() - (noise - x0)) ** 2).mean()
+    x_t = model.sampler.noisy(x0, noise, t)
+    out = model.velocity(x_t, t, cond)
+    return ((out.float() - model.sampler.target(x0, noise, t)) ** 2).mean()

@@ -50,7 +50,8 @@ from diffrl.files import atomic_write_text
 from diffrl.eval.evaluate import evaluate, held_out_layouts
 from diffrl.eval.visualize import save_grid
 from diffrl.policies.actor import SDEPolicyNet, make_actor
-from diffrl.policies.generator import LayoutGenerator, load_generator
+from diffrl.policies.generator import LayoutGenerator, build_generator
+from diffrl.policies.lora import LoraReference, has_lora
 from diffrl.policies.text import ConditionStore
 from diffrl.registry import ALGOS, ENVS
 from diffrl.rewards import build_reward
@@ -62,9 +63,13 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 
 
 def frozen_copy(generator: LayoutGenerator) -> LayoutGenerator:
-    """The reference policy π_ref: the initial denoiser, frozen (the text encoder is shared)."""
-    denoiser = copy.deepcopy(generator.denoiser).requires_grad_(False).eval()
-    return LayoutGenerator(denoiser, generator.text, generator.space)
+    """The reference policy π_ref: the initial denoiser, frozen (text encoder, latent space, sampler and guidance
+    shared). With LoRA it is the policy's own backbone with LoRA off (`LoraReference`: no second backbone)."""
+    if has_lora(generator.denoiser):
+        denoiser = LoraReference(generator.denoiser).eval()
+    else:
+        denoiser = copy.deepcopy(generator.denoiser).requires_grad_(False).eval()
+    return LayoutGenerator(denoiser, generator.text, generator.space, generator.sampler, generator.guidance_scale)
 
 
 def paired_renders(generator: LayoutGenerator, store: ConditionStore) -> Paired:
@@ -72,7 +77,7 @@ def paired_renders(generator: LayoutGenerator, store: ConditionStore) -> Paired:
     paired data for L_ldm, free here because the world can draw any layout exactly."""
     from diffrl.shapes.world import render
 
-    images = render(store.layouts, size=generator.space.size).to(store.conditioning.boxes.device)
+    images = render(store.layouts, size=generator.space.image_size).to(store.conditioning.boxes.device)
     return Paired(generator.space.encode(images), store.conditioning)
 
 
@@ -109,11 +114,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     reward = build_reward(cfg.reward.name, cfg.reward.model or None) if not cfg.ray.reward_workers else None
     env_cls, algo_cls = ENVS.get(cfg.env.name), ALGOS.get(cfg.algo.name)
     with oom_hint(f"placing the generator on {device}: it needs a device with more free memory (--device)"):
-        generator = load_generator(cfg.model.name).to(device)
-    generator.text.cache_size = cfg.model.text_cache
+        generator = build_generator(cfg.model, cfg.policy.train).to(device)
     require_idm(cfg.algo, generator)
-    if cfg.policy.train == "adapter":
-        generator.denoiser.transformer.requires_grad_(False)
     with ExitStack() as cleanup:
         scale = cleanup.enter_context(ScaleOut(cfg, generator, device)) if uses_ray(cfg) else None  # Ray starts here only
         if scale is not None and scale.reward is not None:

@@ -54,7 +54,7 @@ from diffrl.envs.layout_env import LayoutEnv
 from diffrl.errors import UserError
 from diffrl.layout import Layout
 from diffrl.policies.actor import SDEPolicyNet, make_actor
-from diffrl.policies.generator import LayoutGenerator, load_generator
+from diffrl.policies.generator import LayoutGenerator, build_generator
 from diffrl.policies.text import ConditionStore
 from diffrl.rewards.base import Reward, RewardOutput
 from diffrl.rewards.compose import build_reward
@@ -151,9 +151,9 @@ class RolloutWorker:
             self.cfg = cfg
             self.device = torch.device(device)
             if generator is None:
-                generator = load_generator(cfg.model.name).to(self.device)
+                # the learner's recipe (LoRA included), so the trainable parameters' names match the driver's
+                generator = build_generator(cfg.model, cfg.policy.train).to(self.device)
                 generator.denoiser.requires_grad_(False)
-                generator.text.cache_size = cfg.model.text_cache
             self.generator = generator
             self.reward = GuardedReward(reward_factory()) if reward_factory is not None else None
             self.store = ConditionStore()

@@ -8,8 +8,8 @@ last step (γ = 1, one terminal reward).
 
 Per-step tensordict (batch ``[B]``, B = layouts_per_reset × group_size):
     latent        [B, C, H, W]  x_t
-    sigma         [B]           flow time t of this step
-    sigma_next    [B]           flow time after the step (0 at the last step)
+    sigma         [B]           time t of this step (the flow time for a flow model; see the generator's sampler)
+    sigma_next    [B]           time after the step (0 at the last step)
     step          [B]           step index 0..T-1
     layout_index  [B]           row of the ConditionStore holding this sample's conditioning
 Text embeddings never enter the tensordict.
@@ -25,18 +25,10 @@ from torchrl.envs import EnvBase
 from diffrl.envs.datasets import LayoutSource
 from diffrl.layout import Layout
 from diffrl.policies.generator import LayoutGenerator
+from diffrl.policies.samplers import flow_sigmas  # noqa: F401  (its old home; benchmarks import it from here)
 from diffrl.policies.text import ConditionStore
 from diffrl.registry import ENVS
 from diffrl.rewards.base import Reward, RewardOutput
-
-
-def flow_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
-    """[T+1] flow times of diffusers' FlowMatchEulerDiscreteScheduler for ``num_steps`` steps, ending at 0."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
-    scheduler.set_timesteps(num_steps)
-    return scheduler.sigmas.float()
 
 
 @ENVS.register("layout")
@@ -65,7 +57,7 @@ class LayoutEnv(EnvBase):
         self.layouts_per_reset = layouts_per_reset
         self.group_size = group_size
         self.num_steps = num_steps
-        self.sigmas = flow_sigmas(num_steps, shift).to(self.device)  # [T+1]
+        self.sigmas = generator.sampler.times(num_steps, shift).to(self.device)  # [T+1] decreasing, last 0
         self.noise_generator = torch.Generator(device=self.device)
         self.noise_generator.manual_seed(seed)
         self.layout_index = torch.arange(layouts_per_reset, device=self.device).repeat_interleave(group_size)  # [B]

@@ -1,7 +1,7 @@
 """The generator as a TorchRL policy: one denoising step = one action.
 
-`SDEPolicyNet` maps an observation (latent x_t, flow times, step, layout index) to the mean and
-std of the SDE step (`diffrl.policies.sde`); `make_actor` wraps it as a ``ProbabilisticActor``
+`SDEPolicyNet` maps an observation (latent x_t, times, step, layout index) to the mean and
+std of the generator's stochastic step (`LayoutGenerator.step_mean_std`: its sampler, with CFG when on); `make_actor` wraps it as a ``ProbabilisticActor``
 over `LatentGaussian`. Steps inside the RL window (the first ``window_steps`` steps; I-DRUID trains
 on the first 20%) use noise level ``a``; later steps are the deterministic ODE step (std 0, log-prob 0),
 so they cost a forward in rollout and nothing in training.
@@ -19,7 +19,7 @@ from torch.distributions import Distribution
 from torchrl.modules import ProbabilisticActor
 
 from diffrl.policies.generator import LayoutGenerator
-from diffrl.policies.sde import gaussian_log_prob, sde_mean_std
+from diffrl.policies.sde import gaussian_log_prob
 from diffrl.policies.text import ConditionStore
 
 OBSERVATION_KEYS = ["latent", "sigma", "sigma_next", "step", "layout_index"]
@@ -44,9 +44,8 @@ class SDEPolicyNet(nn.Module):
         return self.mean_std(latent, sigma, sigma_next, layout_index, self.step_noise(step))
 
     def mean_std(self, latent: Tensor, sigma: Tensor, sigma_next: Tensor, layout_index: Tensor, noise_level):
-        """The SDE step's mean and std at an explicit noise level (a scalar or per sample)."""
-        velocity = self.generator.velocity(latent, sigma, self.store[layout_index])
-        return sde_mean_std(velocity, sigma, sigma_next, latent, noise_level)
+        """The step's mean and std (float32) at an explicit noise level (a scalar or per sample)."""
+        return self.generator.step_mean_std(latent, sigma, sigma_next, self.store[layout_index], noise_level)
 
 
 class LatentGaussian(Distribution):

@@ -36,6 +36,10 @@ class Conditioning:
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
 
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The fields in declaration order (``Conditioning(*tensors)`` rebuilds it)."""
+        return tuple(getattr(self, f.name) for f in fields(self))
+
 
 class TextEncoder:
     """A transformers text encoder with projection (CLIP-style) and its tokenizer, with a string cache.
@@ -57,19 +61,28 @@ class TextEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def pooled_dim(self) -> int:
+        """P, the width of the pooled (and phrase) embeddings."""
+        return self.model.config.projection_dim
+
+    def encode_one(self, text: str) -> tuple[Tensor, Tensor]:
+        """One string → (token embeddings [L, D], pooled [P]); subclasses encode differently (SD3: CLIP-L/G + T5)."""
+        tokens = self.tokenizer(
+            [text],
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).to(self.device)
+        out = self.model(input_ids=tokens["input_ids"])
+        return out.last_hidden_state[0], out.text_embeds[0]
+
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
         for text in missing:  # one at a time: a string's embedding never depends on its batch (class doc)
-            tokens = self.tokenizer(
-                [text],
-                padding="max_length",
-                truncation=True,
-                max_length=self.tokenizer.model_max_length,
-                return_tensors="pt",
-            ).to(self.device)
-            out = self.model(input_ids=tokens["input_ids"])
-            self._cache[text] = (out.last_hidden_state[0], out.text_embeds[0])
+            self._cache[text] = self.encode_one(text)
         hidden = torch.stack([self._cache[t][0] for t in texts])
         pooled = torch.stack([self._cache[t][1] for t in texts])
         for t in texts:

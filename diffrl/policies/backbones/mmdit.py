@@ -34,6 +34,10 @@ class LayoutMMDiT(nn.Module):
         )
         return cls(transformer, LayoutAdapter(cfg))
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each block in the backward pass, its fuser with the grounding of its forward."""
+        self.transformer.enable_gradient_checkpointing(gradient_checkpointing_func=self.adapter.checkpointing_func())
+
     def forward(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         # x: [B, C, H, W] at flow time sigma [B] in [0, 1]; returns the velocity [B, C, H, W]
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
