@@ -12,7 +12,17 @@ gligen/ldm/modules/diffusionmodules/text_grounding_net.py ``PositionNet``) as di
 
 The fusers run as forward pre-hooks on the backbone's transformer blocks, so the backbone keeps
 its own class, state dict and ``save_pretrained`` format; adapter weights live apart.
-Both gates start at zero: a fresh adapter leaves the backbone's output unchanged.
+Both gates start at zero: a fresh adapter leaves the backbone's output unchanged. A layout with no instance
+(``instance_mask`` all False, as in the unconditional half of classifier-free guidance) means no grounding: its
+rows pass the fusers unchanged.
+
+One adapter serves both backbones. On the MM-DiT every block sees the same [h, w] patch grid at one width
+``dim``. On a UNet (`diffrl.policies.backbones.unet`) the BasicTransformerBlocks have their own widths
+(``dims``, e.g. SD1.5's 320/640/1280) and token grids (the latent grid downsampled by 2, 4, 8 …): the grounding
+tokens are made once at width ``dim`` and each fuser whose width differs projects them to its own (as GLIGEN's
+``GatedSelfAttentionDense.linear`` does), and each block's grid is inferred from its token count and the
+latent grid given to `LayoutAdapter.grounding` (`block_grid`). With ``dims=None`` nothing of this exists: the
+MM-DiT adapter's weights, state dict and outputs are what they were.
 
 With ``idm=True`` every fuser carries I-DRUID's Instance-Disentangled Module (`diffrl.policies.idm`).
 In this MM-DiT adapter its inputs and the IDC loss's attention maps are:
@@ -40,7 +50,8 @@ In this MM-DiT adapter its inputs and the IDC loss's attention maps are:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,13 +64,17 @@ from diffrl.policies.idm import InstanceDisentangler, disentangle_loss, split
 class LayoutAdapterConfig:
     """Sizes of the adapter; saved beside its weights."""
 
-    dim: int  # width of the backbone's image tokens
+    dim: int  # width of the grounding tokens, and of every block's image tokens unless `dims` says otherwise
     phrase_dim: int  # width of a pooled phrase embedding
     num_blocks: int  # how many transformer blocks get a gated fuser
     num_heads: int = 4  # heads of the gated attention
     fourier_freqs: int = 8  # frequencies per box coordinate in the Fourier embedding
     box_mask: bool = True  # image tokens attend only to grounding tokens of boxes they overlap
     idm: bool = False  # I-DRUID's Instance-Disentangled Module in every fuser (and its L_dis); False: the plain adapter
+    dims: list[int] | None = None  # width of each block's image tokens (UNet); None: every block has `dim` (MM-DiT)
+
+    def block_dims(self) -> list[int]:
+        return list(self.dims) if self.dims is not None else [self.dim] * self.num_blocks
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +85,21 @@ def fourier_embed(boxes: Tensor, num_freqs: int) -> Tensor:
     freqs = 100 ** (torch.arange(num_freqs, device=boxes.device, dtype=boxes.dtype) / num_freqs)
     angles = boxes.unsqueeze(-1) * freqs  # [..., 4, F]
     return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+
+
+def block_grid(grid: tuple[int, int], tokens: int) -> tuple[int, int]:
+    """The [h, w] grid of a block with ``tokens`` image tokens, given the finest grid (h0, w0).
+
+    A UNet block at depth k sees the latent grid downsampled k times by stride-2 convolutions (padding 1), i.e.
+    (ceil(h0 / 2^k), ceil(w0 / 2^k)); the MM-DiT's blocks all see the finest grid."""
+    h0, w0 = grid
+    factor = 1
+    while factor <= max(h0, w0):
+        h, w = -(-h0 // factor), -(-w0 // factor)
+        if h * w == tokens:
+            return h, w
+        factor *= 2
+    raise ValueError(f"{tokens} image tokens are no downsampling of the {h0}×{w0} token grid")
 
 
 def box_token_mask(boxes: Tensor, instance_mask: Tensor, grid_h: int, grid_w: int) -> Tensor:
@@ -102,9 +132,11 @@ class GroundingTokens(nn.Module):
 class GatedFuser(nn.Module):
     """x ← x + tanh(γ_a)·Attn(x; [x, g]) ; x ← x + tanh(γ_d)·FF(x), with γ_a = γ_d = 0 at init."""
 
-    def __init__(self, dim: int, num_heads: int, idm: bool = False):
+    def __init__(self, dim: int, num_heads: int, idm: bool = False, token_dim: int | None = None):
         super().__init__()
         self.num_heads = num_heads
+        # grounding tokens of another width are projected to this block's (UNet); None: no weights (MM-DiT)
+        self.ground_proj = nn.Linear(token_dim, dim) if token_dim not in (None, dim) else None
         self.norm1 = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, dim)
         self.to_kv = nn.Linear(dim, 2 * dim)
@@ -188,10 +220,29 @@ class ActiveGrounding:
     """What the attached blocks see during one forward (see `LayoutAdapter.grounding`)."""
 
     tokens: Tensor  # [N, K, D] grounding tokens
+    boxes: Tensor  # [N, K, 4] normalised xyxy
+    instance_mask: Tensor  # [N, K] bool, real instance
+    grid: tuple[int, int]  # (h, w) finest token grid (MM-DiT: the patch grid; UNet: the latent grid)
+    box_mask: bool  # restrict image tokens to the grounding tokens of boxes they overlap
+    _masks: dict = field(default_factory=dict)  # token count → BlockMasks, made once per forward
+
+    def masks(self, tokens: int) -> "BlockMasks":
+        """The masks of a block with ``tokens`` image tokens."""
+        if tokens not in self._masks:
+            grid = block_grid(self.grid, tokens)
+            box_masks = box_token_mask(self.boxes, self.instance_mask, *grid)
+            if self.box_mask:
+                key_mask = box_masks
+            else:
+                key_mask = self.instance_mask[:, None, :].expand(-1, tokens, -1)
+            self._masks[tokens] = BlockMasks(key_mask, box_masks, grid)
+        return self._masks[tokens]
+
+
+class BlockMasks(NamedTuple):
     key_mask: Tensor  # [N, T, K] bool, image token t may attend to grounding token k
     box_masks: Tensor  # [N, T, K] bool, token t overlaps box k (IDM's masks)
-    instance_mask: Tensor  # [N, K] bool, real instance
-    grid: tuple[int, int]  # (h, w) token grid, h·w = T
+    grid: tuple[int, int]  # (h, w), h·w = T
 
 
 class FuserHook:
@@ -212,12 +263,16 @@ class FuserHook:
         fuser = self.adapter.fusers[self.index]
 
         def fuse(x: Tensor) -> Tensor:
+            masks = active.masks(x.shape[1])
+            tokens = active.tokens if fuser.ground_proj is None else fuser.ground_proj(active.tokens)
             if fuser.idm is None:
-                return fuser(x, active.tokens, active.key_mask)
-            x, dis = fuser.forward_idm(x, active.tokens, active.key_mask, active.box_masks, active.instance_mask,
-                                       active.grid)
-            self.adapter._dis_terms.append(dis)
-            return x
+                fused = fuser(x, tokens, masks.key_mask)
+            else:
+                fused, dis = fuser.forward_idm(x, tokens, masks.key_mask, masks.box_masks, active.instance_mask,
+                                               masks.grid)
+                self.adapter._dis_terms.append(dis)
+            grounded = active.instance_mask.any(dim=1)  # [N]; a row with no instance (CFG's unconditional half)
+            return fused if bool(grounded.all()) else torch.where(grounded[:, None, None], fused, x)  # is not fused
 
         if "hidden_states" in kwargs:
             kwargs["hidden_states"] = fuse(kwargs["hidden_states"])
@@ -233,7 +288,9 @@ class LayoutAdapter(nn.Module):
         super().__init__()
         self.config = cfg
         self.tokens = GroundingTokens(cfg)
-        self.fusers = nn.ModuleList(GatedFuser(cfg.dim, cfg.num_heads, cfg.idm) for _ in range(cfg.num_blocks))
+        if cfg.dims is not None and len(cfg.dims) != cfg.num_blocks:
+            raise ValueError(f"adapter config: {len(cfg.dims)} dims for {cfg.num_blocks} blocks")
+        self.fusers = nn.ModuleList(GatedFuser(d, cfg.num_heads, cfg.idm, token_dim=cfg.dim) for d in cfg.block_dims())
         self._active: ActiveGrounding | None = None  # set during a forward
         self._handles: list = []
         self._dis_terms: list[Tensor] = []  # L_dis of each IDM fuser in the running forward
@@ -245,8 +302,8 @@ class LayoutAdapter(nn.Module):
             return
         self.config.idm = True
         like = self.fusers[0].gate_attn
-        for fuser in self.fusers:
-            fuser.idm = InstanceDisentangler(self.config.dim).to(device=like.device, dtype=like.dtype)
+        for fuser, dim in zip(self.fusers, self.config.block_dims()):
+            fuser.idm = InstanceDisentangler(dim).to(device=like.device, dtype=like.dtype)
 
     def __getstate__(self):  # copies and pickles never carry the last forward's graph
         state = super().__getstate__()
@@ -263,16 +320,38 @@ class LayoutAdapter(nn.Module):
             block.register_forward_pre_hook(FuserHook(self, i), with_kwargs=True) for i, block in enumerate(blocks)
         ]
 
+    def checkpointing_func(self):
+        """diffusers' gradient-checkpointing function for the backbone this adapter is attached to.
+
+        The fusers run in the blocks' pre-hooks and read the grounding active during a forward; a checkpointed
+        block is recomputed in backward, after that context has closed, and would then fuse nothing. This
+        function binds the grounding of the forward to the block's recomputation, so both compute the same graph.
+        Pass it as ``backbone.enable_gradient_checkpointing(gradient_checkpointing_func=...)``.
+        """
+        from torch.utils.checkpoint import checkpoint
+
+        def run_checkpointed(block, *args):
+            active = self._active  # this forward's grounding (None outside one)
+
+            def run(*inner):
+                previous, self._active = self._active, active
+                try:
+                    return block(*inner)
+                finally:
+                    self._active = previous
+
+            return checkpoint(run, *args, use_reentrant=False)
+
+        return run_checkpointed
+
     @contextlib.contextmanager
     def grounding(self, phrase_embeds: Tensor, boxes: Tensor, instance_mask: Tensor, grid: tuple[int, int]):
-        """Within this context the attached blocks see these layouts' grounding tokens."""
+        """Within this context the attached blocks see these layouts' grounding tokens.
+
+        ``grid``: the finest token grid (h, w) — the MM-DiT's patch grid, a UNet's latent grid; a block with
+        fewer tokens gets its downsampled grid (`block_grid`)."""
         tokens = self.tokens(phrase_embeds, boxes)
-        box_masks = box_token_mask(boxes, instance_mask, *grid)
-        if self.config.box_mask:
-            key_mask = box_masks
-        else:
-            key_mask = instance_mask[:, None, :].expand(-1, grid[0] * grid[1], -1)
-        self._active = ActiveGrounding(tokens, key_mask, box_masks, instance_mask, tuple(grid))
+        self._active = ActiveGrounding(tokens, boxes, instance_mask, tuple(grid), self.config.box_mask)
         self._dis_terms = []
         try:
             yield

@@ -103,3 +103,82 @@ def kl_to_reference(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
     elementwise = (mean.float() - ref_mean.float()) ** 2 / (2 * safe_std**2)
     elementwise = torch.where(deterministic, torch.zeros_like(elementwise), elementwise)
     return elementwise.flatten(1).sum(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The UNet path: the DDIM step with η (DDIM paper, Song et al. 2021, eqs. 12 and 16).
+#
+# Written anew from diffusers 0.42 ``DDIMScheduler.step`` (schedulers/scheduling_ddim.py), keeping its order of
+# operations so that the mean is bit-identical to it; DDPO (kvablack/ddpo-pytorch, ddpo_pytorch/diffusers_patch/
+# ddim_with_logprob.py) adapts the same step to return a log-prob. What changed: the step takes the cumulative
+# products ᾱ_t, ᾱ_prev themselves (scalars or [B]) instead of a scheduler and integer timesteps, so it stays pure;
+# the log-prob is summed (not averaged) over C, H, W and computed in float32, as `flow_sde_step`'s. ::
+#
+#     x0   = (x − sqrt(1 − ᾱ_t)·ε) / sqrt(ᾱ_t)                        ("epsilon"; "v_prediction" and "sample" as diffusers)
+#     σ_t  = η · sqrt((1 − ᾱ_prev)/(1 − ᾱ_t) · (1 − ᾱ_t/ᾱ_prev))
+#     mean = sqrt(ᾱ_prev)·x0 + sqrt(1 − ᾱ_prev − σ_t²)·ε,   std = σ_t,   x_prev ~ N(mean, std²)
+#
+# η = 0 is deterministic DDIM, η = 1 is DDPM's posterior variance.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def ddim_mean_std(
+    model_output: Tensor,
+    alpha_prod: Tensor | float,
+    alpha_prod_prev: Tensor | float,
+    sample: Tensor,
+    eta: Tensor | float,
+    prediction_type: str = "epsilon",
+    clip_sample: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Mean [B, C, H, W] and std [B, 1, 1, 1] (float32) of the DDIM step from ᾱ_t to ᾱ_prev (scalars or [B]).
+
+    ``clip_sample`` clamps the predicted x0 to ±clip_sample (diffusers' ``clip_sample_range``; None: no clipping,
+    SD1.x's setting)."""
+    x = sample.float()
+    out = model_output.float()
+    alpha_t = _per_sample(alpha_prod, x)  # [B, 1, 1, 1]
+    alpha_prev = _per_sample(alpha_prod_prev, x)
+    eta = _per_sample(eta, x)
+    beta_t = 1 - alpha_t
+    if prediction_type == "epsilon":
+        pred_x0 = (x - beta_t ** (0.5) * out) / alpha_t ** (0.5)
+        pred_eps = out
+    elif prediction_type == "v_prediction":
+        pred_x0 = (alpha_t**0.5) * x - (beta_t**0.5) * out
+        pred_eps = (alpha_t**0.5) * out + (beta_t**0.5) * x
+    elif prediction_type == "sample":
+        pred_x0 = out
+        pred_eps = (x - alpha_t ** (0.5) * pred_x0) / beta_t ** (0.5)
+    else:
+        raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
+    if clip_sample is not None:
+        pred_x0 = pred_x0.clamp(-clip_sample, clip_sample)
+    variance = ((1 - alpha_prev) / beta_t) * (1 - alpha_t / alpha_prev)  # [B, 1, 1, 1]
+    std = eta * variance ** (0.5)
+    direction = (1 - alpha_prev - std**2).clamp(min=0) ** (0.5) * pred_eps  # clamp: rounding at η = 1 only
+    mean = alpha_prev ** (0.5) * pred_x0 + direction
+    return mean, std
+
+
+def ddim_step(
+    model_output: Tensor,
+    alpha_prod: Tensor | float,
+    alpha_prod_prev: Tensor | float,
+    sample: Tensor,
+    eta: Tensor | float,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    prediction_type: str = "epsilon",
+    clip_sample: float | None = None,
+) -> SDEStep:
+    """One DDIM step with η, with the exact log-density of the sample it takes (the shape of `flow_sde_step`).
+
+    ``alpha_prod``/``alpha_prod_prev`` are ᾱ at the current and the next (less noisy) timestep; with
+    ``prev_sample`` given the step re-scores that sample instead of drawing a new one."""
+    mean, std = ddim_mean_std(model_output, alpha_prod, alpha_prod_prev, sample, eta, prediction_type, clip_sample)
+    if prev_sample is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        prev_sample = mean + std * noise
+    log_prob = gaussian_log_prob(prev_sample, mean, std)
+    return SDEStep(prev_sample.to(sample.dtype), log_prob, mean, std)
