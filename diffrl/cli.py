@@ -1,4 +1,4 @@
-"""The ``diffrl`` command: train, eval, pretrain, list.
+"""The ``diffrl`` command: train, eval, pretrain, sweep, list.
 
 Errors a user can cause (unknown name, bad layout file, bad config key, missing weights) print one
 line on stderr and exit with code 2; tracebacks are for diffrl's own bugs.
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _registries()
     parser = Parser(prog="diffrl", description="RL fine-tuning of layout-to-image generators.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,pretrain,list}", parser_class=Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,pretrain,sweep,export,list}", parser_class=Parser)
 
     keys = "\n".join(f"  {key} = {default!r}  — {help}" for key, default, help in field_help())
     train = sub.add_parser(
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--env", help=f"environment ({_names(ENVS)})")
     train.add_argument("--data", help=f"layouts: a dataset ({_names(DATASETS)}) or a .jsonl file")
-    train.add_argument("--model", help=f"generator: {_names(MODELS)} or a local folder")
+    train.add_argument("--model", help=f"generator: {_names(MODELS)}, a local folder (a diffrl generator, or a "
+                       "diffusers SD3/SD3.5 or SD1.x pipeline) or a hub id already in the local HF cache")
     train.add_argument("--reward", help=f"reward ({_names(REWARDS)}), or weighted parts: gdino=1,cycle=0.5")
     train.add_argument("--reward-model", metavar="DIR|HUB_ID", help=REWARD_MODEL_HELP)
     train.add_argument("--algo", help=f"learner ({_names(ALGOS)})")
@@ -112,6 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
                      "and train on L_ldm + λ_dis·L_dis (with --init, a folder without IDM gets a fresh one)")
     pre.add_argument("--dis-coef", type=float, metavar="λ_dis", help="weight of the IDC loss L_dis (needs --idm; "
                      "default 0.1 with it)")
+
+    sw = sub.add_parser(
+        "sweep", help="a grid of train runs × seeds on Ray Tune, with a results table and plot",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="FILE.yaml: base (a train config), seeds, rows (label → overrides), optional grid, models (prepared "
+               "by `diffrl pretrain`), leakage_layouts, cpus_per_trial, gpus_per_trial, metrics; see "
+               "examples/ablation_idruid.yaml. Running the same command again resumes: finished trials are kept.",
+    )
+    sw.add_argument("file", metavar="FILE.yaml", help="the sweep file")
+    sw.add_argument("--out", metavar="DIR", help="sweep folder (default runs/sweep-<file name>); an existing one "
+                    "resumes")
+    sw.add_argument("--address", metavar="HOST:PORT", help="run the trials on this Ray cluster (default: a local Ray "
+                    "on this machine); the sweep folder must be on storage every node sees")
+    sw.add_argument("--cpus-per-trial", type=float, metavar="N", help="CPUs (and torch threads) per trial; trials run "
+                    "side by side as the CPUs allow (default: the file's cpus_per_trial, else 1)")
+
+    ex = sub.add_parser("export", help="a run's LoRA (loadable by diffusers' load_lora_weights), layout adapter and "
+                        "model card")
+    ex.add_argument("run", metavar="RUN", help="a run folder of `diffrl train`")
+    ex.add_argument("--out", required=True, help="folder to write (must be new or empty)")
 
     sub.add_parser("list", help="print every registry")
     return parser
@@ -186,16 +207,14 @@ def cmd_eval(args) -> int:
     out = Path(args.out) if args.out else None
     if args.checkpoint:
         from diffrl.algos.checkpoint import latest_checkpoint
-        from diffrl.config import load_yaml
-        from safetensors.torch import load_file
 
         run = Path(args.checkpoint)
         ckpt = latest_checkpoint(run / "checkpoints")
         if ckpt is None or not (run / "config.yaml").is_file():
             raise UserError(f"--checkpoint {run}: no config.yaml and checkpoints/ there; pass a run folder")
-        generator = load_generator(load_yaml(run / "config.yaml")["model"]["name"])
-        weights = {k[len("denoiser."):]: v for k, v in load_file(str(ckpt)).items() if k.startswith("denoiser.")}
-        generator.denoiser.load_state_dict(weights)
+        from diffrl.algos.export import load_run
+
+        _, generator = load_run(run)  # its model, LoRA and settings, with the last checkpoint's weights
         out = out or run / "eval.json"
     else:
         generator = load_generator(args.model or "shapes-tiny")
@@ -257,6 +276,32 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from diffrl.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.file)
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{Path(args.file).stem}"
+    outcome = run_sweep(sweep, out, address=args.address or "", cpus_per_trial=args.cpus_per_trial)
+    for trial, error in outcome.failed.items():
+        print(f"trial {trial} failed: {error}", file=sys.stderr)
+    if outcome.written:
+        print((outcome.folder / "results.md").read_text().rstrip())
+        print("wrote " + ", ".join(str(p) for p in outcome.written))
+    if outcome.unfinished:
+        print(f"{len(outcome.unfinished)} of {len(sweep.trials)} trials unfinished; run the same command again to "
+              "resume (finished trials are kept)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_export(args) -> int:
+    from diffrl.algos.export import export_run
+
+    for path in export_run(args.run, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_list(args) -> int:
     for registry in _registries():
         print(f"{registry.kind} ({registry.flag}): {_names(registry)}")
@@ -279,7 +324,8 @@ def _summary_table(s: dict) -> str:
             f"({s['iterations']} iterations, {s['wall_seconds']:.0f} s, {s['eval_layouts']} held-out layouts)")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "list": cmd_list}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "sweep": cmd_sweep, "export": cmd_export,
+            "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:
