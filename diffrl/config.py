@@ -38,6 +38,7 @@ class ModelConfig:
     lora_targets: list = option([], "backbone modules LoRA adapts (names or suffixes; []: SD3's attention projections)")
     t5: bool = option(False, "SD3: load the T5-XXL text encoder too (off: its tokens are zeros, as diffusers does without it; saves ~9 GiB)")
     adapter: str = option("", "layout adapter checkpoint folder (config.json + model.safetensors) for a real model ('': a fresh one, gates 0)")
+    idm: bool = option(False, "give the layout adapter I-DRUID's Instance-Disentangled Module if it has none (fresh: outputs unchanged until it trains); for algo.dis_coef")
     guidance_scale: float = option(1.0, "classifier-free guidance scale s in rollout and training (1: off; SD3 samples at ~5–7)")
     gradient_checkpointing: bool = option(False, "recompute the backbone's activations in the backward pass (less memory, slower)")
 
@@ -73,7 +74,7 @@ class AlgoConfig:
     anchor_steps: int = option(0, "post-window steps per epoch held to the reference by the KL term (0: none)")
     accumulate: bool = option(True, "one optimizer step per epoch, averaging the gradients of all window steps (Flow-GRPO)")
     ldm_coef: float = option(0.0, "weight λ of I-DRUID's L_ldm: flow matching on paired renders of each iteration's layouts (0: off; --data shapes)")
-    dis_coef: float = option(0.0, "weight λ_dis of I-DRUID's IDC loss L_dis on each training forward (0: off; needs a generator with IDM, see `diffrl pretrain --idm`)")
+    dis_coef: float = option(0.0, "weight λ_dis of I-DRUID's IDC loss L_dis on each training forward (0: off; needs a generator with IDM: model.idm=true, or one from `diffrl pretrain --idm`)")
     critic_lr: float = option(1e-3, "PPO: learning rate of the critic φ")
     critic_coef: float = option(1.0, "PPO: weight of the critic loss (φ(s_t) − r)²")
     normalize_advantage: bool = option(True, "standardise advantages over each iteration's batch")

@@ -72,8 +72,8 @@ def require_idm(cfg: AlgoConfig, generator) -> None:
                         "(a layout adapter with IDM for this UNet), or set algo.dis_coef=0")
     if cfg.dis_coef > 0 and not generator.denoiser.adapter.config.idm:
         raise UserError(f"config algo.dis_coef={cfg.dis_coef} needs a generator with IDM, and this one has none: "
-                        "pre-train one with `diffrl pretrain --idm` (--init MODEL adds IDM to a trained generator) and "
-                        "pass it as --model, or set algo.dis_coef=0")
+                        "add a fresh one with model.idm=true, or pre-train one with `diffrl pretrain --idm` (--init MODEL "
+                        "adds IDM to a trained generator) and pass it as --model, or set algo.dis_coef=0")
 
 
 class Learner:

@@ -290,6 +290,12 @@ def build_generator(model_cfg, train: str = "all") -> LayoutGenerator:
                                adapter=model_cfg.adapter or None)
     generator.text.cache_size = model_cfg.text_cache
     generator.guidance_scale = model_cfg.guidance_scale
+    if model_cfg.idm:
+        adapter = getattr(generator.denoiser, "adapter", None)
+        if adapter is None:
+            raise UserError(f"model.idm: --model {model_cfg.name} has no layout adapter to carry IDM (a GLIGEN checkpoint "
+                            "grounds with its own fusers); give it one with model.adapter=DIR")
+        adapter.enable_idm()  # before LoRA and the reference copy: IDM trains, and π_ref starts with the same fresh IDM
     rank = model_cfg.lora_rank if model_cfg.lora_rank >= 0 else (16 if generator.lora_by_default else 0)
     if train == "adapter":
         backbone_of(generator.denoiser).requires_grad_(False)
