@@ -234,3 +234,22 @@ def test_gradient_checkpointing_recomputes_the_adapter_too(sd3_folder, one_threa
     assert plain.keys() == checkpointed.keys() and any(k.startswith("adapter.") for k in plain)
     for k in plain:
         torch.testing.assert_close(checkpointed[k], plain[k], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_backbone_trains_a_float32_adapter(sd3_folder, one_thread):
+    """A bf16 model's trainable layout adapter stays float32: an lr-1e-5 step on bf16 weights would round away."""
+    from diffrl.config import ModelConfig
+    from diffrl.policies.generator import build_generator
+
+    generator = build_generator(ModelConfig(name=str(sd3_folder), dtype="bfloat16", lora_rank=0), train="adapter")
+    denoiser = generator.denoiser
+    assert {p.dtype for p in denoiser.transformer.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in denoiser.adapter.parameters()} == {torch.float32}
+    for fuser in denoiser.adapter.fusers:
+        fuser.gate_attn.data.fill_(0.5)
+    cond = generator.encode_layouts(sample_layouts(2, [2], seed=0))
+    out = generator.velocity(torch.randn(2, 16, 16, 16), torch.tensor([0.9, 0.6]), cond)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out.float().square().mean().backward()
+    grads = [p.grad for p in denoiser.adapter.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 for g in grads) and any(g.abs().sum() > 0 for g in grads)

@@ -261,6 +261,7 @@ def load_generator(name_or_path: str, **options) -> LayoutGenerator:
         generator = LayoutGenerator.from_pretrained(path)
         if options.get("dtype") not in (None, "float32"):
             generator.to(_dtype(options["dtype"]))
+            generator.denoiser.adapter.float()  # trained weights stay float32, as in the real-model loaders
     elif kind == SD3_CLASS:
         from diffrl.policies.backbones.sd3 import load_sd3_generator
 

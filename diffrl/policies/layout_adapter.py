@@ -263,6 +263,7 @@ class FuserHook:
         fuser = self.adapter.fusers[self.index]
 
         def fuse(x: Tensor) -> Tensor:
+            dtype, x = x.dtype, x.to(fuser.gate_attn.dtype)  # the adapter computes in its own (float32) weights' dtype
             masks = active.masks(x.shape[1])
             tokens = active.tokens if fuser.ground_proj is None else fuser.ground_proj(active.tokens)
             if fuser.idm is None:
@@ -272,7 +273,8 @@ class FuserHook:
                                                masks.grid)
                 self.adapter._dis_terms.append(dis)
             grounded = active.instance_mask.any(dim=1)  # [N]; a row with no instance (CFG's unconditional half)
-            return fused if bool(grounded.all()) else torch.where(grounded[:, None, None], fused, x)  # is not fused
+            fused = fused if bool(grounded.all()) else torch.where(grounded[:, None, None], fused, x)  # is not fused
+            return fused.to(dtype)
 
         if "hidden_states" in kwargs:
             kwargs["hidden_states"] = fuse(kwargs["hidden_states"])
@@ -350,7 +352,8 @@ class LayoutAdapter(nn.Module):
 
         ``grid``: the finest token grid (h, w) — the MM-DiT's patch grid, a UNet's latent grid; a block with
         fewer tokens gets its downsampled grid (`block_grid`)."""
-        tokens = self.tokens(phrase_embeds, boxes)
+        weights = self.fusers[0].gate_attn.dtype
+        tokens = self.tokens(phrase_embeds.to(weights), boxes.to(weights))
         self._active = ActiveGrounding(tokens, boxes, instance_mask, tuple(grid), self.config.box_mask)
         self._dis_terms = []
         try:

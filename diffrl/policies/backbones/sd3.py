@@ -137,10 +137,9 @@ def load_sd3_generator(path: str | Path, dtype: str = "float32", t5: bool = Fals
             raise UserError(f"config model.adapter {adapter}: made for width {cfg.dim}, phrase width {cfg.phrase_dim}, "
                             f"{cfg.num_blocks} blocks, but {path} has {transformer.inner_dim}, {text.pooled_dim}, "
                             f"{len(transformer.transformer_blocks)}; pass the adapter trained on this model")
-        denoiser = LayoutMMDiT(transformer, layout_adapter.to(torch_dtype))
+        denoiser = LayoutMMDiT(transformer, layout_adapter)
     else:
         heads = transformer.config.num_attention_heads  # the adapter's attention splits the width like the blocks'
         denoiser = LayoutMMDiT.with_new_adapter(transformer, phrase_dim=text.pooled_dim, num_heads=heads)
-        denoiser.adapter.to(torch_dtype)
     space = VAESpace(vae, size=transformer.config.sample_size)
     return LayoutGenerator(denoiser, text, space, lora_by_default=True)

@@ -256,8 +256,6 @@ def load_sd_generator(path: str | Path, dtype: str = "float32", adapter: str | P
             raise UserError(f"{path} is a GLIGEN model: its gated fusers carry no IDM; pass a layout adapter "
                             "(model.adapter) for IDM / algo.dis_coef, or set algo.dis_coef=0")
         layout_adapter.enable_idm()
-    if layout_adapter is not None:
-        layout_adapter.to(torch_dtype)
     denoiser = LayoutUNet(unet, layout_adapter, sampler.num_train_timesteps)
     space = VAESpace(vae, size=unet.config.sample_size)
     return LayoutGenerator(denoiser, CLIPTextEncoder(tokenizer, text_model), space, sampler, lora_by_default=True)
