@@ -105,6 +105,7 @@ class RayConfig:
     reward_cpus: float = option(1.0, "CPUs per reward worker")
     reward_gpus: float = option(0.0, "GPUs per reward worker (> 0 runs the reward on cuda)")
     chunk_layouts: int = option(0, "layouts per rollout chunk (0: layouts_per_iter split in 2 chunks per rollout worker, or in 4 without rollout workers)")
+    chunk_timeout: float = option(0.0, "seconds a rollout worker may take for a chunk (queueing behind its other chunk included) before it counts as hung and is replaced (0: wait forever)")
     max_restarts: int = option(3, "replacements of a dead worker or reward actor per chunk before the run stops")
     dashboard: bool = option(False, "start Ray's dashboard (bound to 127.0.0.1) with a local cluster")
 
@@ -271,7 +272,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"config algo.log_prob_reduce: 'sum' or 'mean', got {cfg.algo.log_prob_reduce!r}")
     r = cfg.ray
     for key, value in (("workers", r.workers), ("reward_workers", r.reward_workers), ("chunk_layouts", r.chunk_layouts),
-                       ("max_restarts", r.max_restarts), ("worker_gpus", r.worker_gpus), ("reward_gpus", r.reward_gpus)):
+                       ("max_restarts", r.max_restarts), ("worker_gpus", r.worker_gpus), ("reward_gpus", r.reward_gpus),
+                       ("chunk_timeout", r.chunk_timeout)):
         if value < 0:
             flag = {"workers": "--workers", "reward_workers": "--reward-workers"}.get(key, f"config ray.{key}")
             raise UserError(f"{flag}: must be ≥ 0, got {value}")

@@ -5,7 +5,10 @@ actors score chunk i while chunk i+1 denoises and mark the samples a reward fail
 import json
 import logging
 import math
+import os
 import sys
+import time
+from functools import partial
 
 import pytest
 import torch
@@ -44,6 +47,20 @@ class FlakyReward(ShapesReward):
         out = super().__call__(images, layouts)
         nan = torch.tensor([status(layout) == "nan" for layout in layouts])
         return RewardOutput(torch.where(nan, torch.full_like(out.rewards, math.nan), out.rewards), out.info)
+
+
+class HangOnceReward(ShapesReward):
+    """Hangs (far past any timeout) on the first call of the whole run, then scores normally: a stuck worker."""
+
+    def __init__(self, flag: str):
+        super().__init__()
+        self.flag = flag
+
+    def __call__(self, images, layouts):
+        if not os.path.exists(self.flag):
+            open(self.flag, "w").close()
+            time.sleep(600)
+        return super().__call__(images, layouts)
 
 
 def test_chunks_cover_the_layouts_in_order_with_seeds_of_their_own():
@@ -162,3 +179,20 @@ def test_unreachable_address_and_oversized_requests_are_one_line(tmp_path, saved
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
         assert not (tmp_path / "run").exists()
+
+
+def test_a_hung_rollout_worker_is_replaced_after_chunk_timeout(tmp_path, saved_generator, ray_cluster):
+    cfg = build_config(overrides=[("model.name", str(saved_generator)), ("env.layouts_per_iter", 2),
+                                  ("env.group_size", 2), ("env.num_steps", 3), ("ray.workers", 1),
+                                  ("ray.worker_cpus", 0.5), ("ray.chunk_layouts", 1), ("ray.chunk_timeout", 8.0)])
+    generator = load_generator(str(saved_generator))
+    layouts = sample_layouts(2, [2, 3], seed=0)
+    flag = tmp_path / "hung-once"
+    started = time.monotonic()
+    with ScaleOut(cfg, generator, torch.device("cpu"), reward_factory=partial(HangOnceReward, str(flag))) as scale:
+        got = scale.collect(0, layouts)
+    assert flag.exists() and time.monotonic() - started < 120  # it hung once, and the run went on
+    assert got.stats["worker_restarts"] == 1
+    assert len(got.events) == 1 and got.events[0].startswith("rollout worker 0 hung (no result for chunk 0 in 8 s); replaced it")
+    rewards = got.rollout["next", "reward"][:, -1, 0]
+    assert rewards.shape == (4,) and torch.isfinite(rewards).all() and (rewards > 0).all()

@@ -24,7 +24,8 @@ every chunk's layouts, as with in-process rollouts.
 
 **Faults.** A worker whose actor dies (process killed, node lost, Ray's memory monitor) is replaced by a
 fresh actor that first loads the current weights from the object store; the chunks it held go back to
-the queue. A reward actor is replaced the same way and rescores its batch. Each replacement is an
+the queue. A worker that hangs — no result for a chunk within ``ray.chunk_timeout`` seconds of handing it
+over — is killed and replaced the same way. A reward actor is replaced the same way and rescores its batch. Each replacement is an
 `events` line the trainer writes to ``metrics.jsonl``; a chunk that loses its worker more than
 ``ray.max_restarts`` times stops the run. A reward that raises or returns NaN/inf for some samples is
 handled by `GuardedReward` wherever the reward runs (those samples get a NaN reward, the trainer drops
@@ -279,7 +280,7 @@ class RolloutPool:
         """→ (ObjectRef of the ChunkResult, ObjectRef of the images or None)."""
         return self.handles[slot].collect.options(num_returns=2).remote(chunk, self.version)
 
-    def _replace(self, slot: int, generation: int, err: BaseException, chunk: Chunk) -> None:
+    def _replace(self, slot: int, generation: int, err: BaseException, chunk: Chunk, what: str = "died") -> None:
         """A fresh actor in ``slot`` with the current weights, unless one replaced it since ``generation``."""
         import ray
 
@@ -292,7 +293,7 @@ class RolloutPool:
         if self.weights is not None:
             self.handles[slot].set_weights.remote(self.weights, self.version)
         self.restarts += 1
-        self.events.append(f"rollout worker {slot} died ({first_line(err)}); replaced it and collected chunk "
+        self.events.append(f"rollout worker {slot} {what} ({first_line(err)}); replaced it and collected chunk "
                            f"{chunk.index} again")
 
     def collect(self, chunks: list[Chunk], reward: RemoteReward | None) -> tuple[list[ChunkResult], list[Ticket | None]]:
@@ -301,28 +302,40 @@ class RolloutPool:
         results: list[ChunkResult | None] = [None] * len(chunks)
         tickets: list[Ticket | None] = [None] * len(chunks)
         queue, inflight, attempts = deque(chunks), {}, [0] * len(chunks)
+        limit = self.cfg.ray.chunk_timeout  # seconds from handing a chunk over to its result (0: wait forever)
+
+        def lost(slot: int, generation: int, chunk: Chunk, err: BaseException, what: str = "died") -> None:
+            attempts[chunk.index] += 1
+            if attempts[chunk.index] > self.cfg.ray.max_restarts:
+                raise UserError(f"chunk {chunk.index} lost its rollout worker {attempts[chunk.index]} times "
+                                f"(last: {first_line(err)}); if workers run out of memory, lower ray.chunk_layouts "
+                                "or env.layouts_per_iter; if they are only slow, raise ray.chunk_timeout") from None
+            self._replace(slot, generation, err, chunk, what)
+            queue.appendleft(chunk)
+
         while queue or inflight:
             while queue:  # keep every worker QUEUE_DEPTH chunks deep, least loaded first
-                load = [sum(1 for s, g, _, _ in inflight.values() if s == slot and g == self.generation[slot])
+                load = [sum(1 for s, g, *_ in inflight.values() if s == slot and g == self.generation[slot])
                         for slot in range(len(self.handles))]
                 slot = min(range(len(load)), key=load.__getitem__)
                 if load[slot] >= QUEUE_DEPTH:
                     break
                 chunk = queue.popleft()
                 ref, images = self._submit(slot, chunk)
-                inflight[ref] = (slot, self.generation[slot], chunk, images)
-            (ref,), _ = ray.wait(list(inflight), num_returns=1)
-            slot, generation, chunk, images = inflight.pop(ref)
+                inflight[ref] = (slot, self.generation[slot], chunk, images, time.monotonic())
+            oldest = min(inflight, key=lambda r: inflight[r][4])
+            wait = max(0.0, limit - (time.monotonic() - inflight[oldest][4])) if limit else None
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=wait)
+            if not done:  # the oldest chunk is overdue: its worker hangs; the others it held fail over as it dies
+                slot, generation, chunk, _, _ = inflight.pop(oldest)
+                lost(slot, generation, chunk, TimeoutError(f"no result for chunk {chunk.index} in {limit:g} s"), "hung")
+                continue
+            (ref,) = done
+            slot, generation, chunk, images, _ = inflight.pop(ref)
             try:
                 result = ray.get(ref)
             except lost_errors() as err:
-                attempts[chunk.index] += 1
-                if attempts[chunk.index] > self.cfg.ray.max_restarts:
-                    raise UserError(f"chunk {chunk.index} lost its rollout worker {attempts[chunk.index]} times "
-                                    f"(last: {first_line(err)}); if workers run out of memory, lower "
-                                    f"ray.chunk_layouts or env.layouts_per_iter") from None
-                self._replace(slot, generation, err, chunk)
-                queue.appendleft(chunk)
+                lost(slot, generation, chunk, err)
                 continue
             except ray.exceptions.RayTaskError as err:
                 raise unwrap(err) from None
