@@ -51,7 +51,7 @@ class EnvConfig:
     layouts_per_iter: int = option(64, "distinct layouts per iteration")
     group_size: int = option(4, "samples per layout (GRPO groups)")
     num_steps: int = option(10, "denoising steps per image")
-    shift: float = option(1.0, "flow-time shift of the sampling schedule (SD3 uses 3.0 at 1024 px)")
+    shift: float = option(0.0, "flow-time shift of the sampling schedule (0: the model's own: its scheduler's, 3.0 for SD3 folders; 1.0 for shapes-tiny)")
 
 
 @dataclass
@@ -238,6 +238,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("config iterations: must be ≥ 0")
     if not 0 < cfg.policy.window <= 1:
         raise UserError(f"config policy.window: must be in (0, 1], got {cfg.policy.window}")
+    if cfg.env.shift < 0:
+        raise UserError(f"config env.shift: must be ≥ 0 (0: the model's own), got {cfg.env.shift}")
     if cfg.policy.noise_level <= 0:
         raise UserError(f"config policy.noise_level: must be > 0 for RL to explore, got {cfg.policy.noise_level}")
     m = cfg.model

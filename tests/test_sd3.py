@@ -253,3 +253,19 @@ def test_bf16_backbone_trains_a_float32_adapter(sd3_folder, one_thread):
     out.float().square().mean().backward()
     grads = [p.grad for p in denoiser.adapter.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_the_folders_scheduler_shift_is_the_default_time_shift(sd3_folder, tmp_path):
+    import shutil
+
+    from diffrl.policies.generator import load_generator
+    from diffrl.policies.samplers import flow_sigmas
+
+    folder = tmp_path / "sd3-shift3"
+    shutil.copytree(sd3_folder, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "shift": 3.0}))
+    sampler = load_generator(str(folder)).sampler
+    assert torch.equal(sampler.times(10), flow_sigmas(10, 3.0))  # env.shift=0: the model's own
+    assert torch.equal(sampler.times(10, 2.0), flow_sigmas(10, 2.0))  # any other value overrides it
+    assert not torch.equal(flow_sigmas(10, 3.0), flow_sigmas(10, 1.0))

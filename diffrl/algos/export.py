@@ -99,7 +99,7 @@ def model_card(cfg: TrainConfig, run: Path, kind: str, lora: bool) -> str:
         f"- reward: `{cfg.reward.name}`" + (f" (detector {cfg.reward.model})" if cfg.reward.model else ""),
         f"- algorithm: {cfg.algo.name} (lr {cfg.algo.lr}, KL {cfg.algo.kl_coef}, noise level {cfg.policy.noise_level}, "
         f"RL window {cfg.policy.window}){rank}",
-        f"- sampling: {cfg.env.num_steps} steps, shift {cfg.env.shift}, guidance scale {cfg.model.guidance_scale}, "
+        f"- sampling: {cfg.env.num_steps} steps, shift {cfg.env.shift or 'of the model'}, guidance scale {cfg.model.guidance_scale}, "
         f"dtype {cfg.model.dtype}",
         f"- data: `{cfg.env.data}`, {cfg.iterations} iterations of {cfg.env.layouts_per_iter} layouts × "
         f"{cfg.env.group_size}",

@@ -45,7 +45,7 @@ class LayoutEnv(EnvBase):
         layouts_per_reset: int,
         group_size: int = 1,
         num_steps: int = 10,
-        shift: float = 1.0,
+        shift: float = 0.0,
         seed: int = 0,
         device: str | torch.device = "cpu",
     ):

@@ -128,7 +128,7 @@ def _touch(a: Tensor, b: Tensor) -> bool:
 
 
 @torch.no_grad()
-def evaluate_leakage(generator, n: int, *, num_steps: int, seed: int = 1234, shift: float = 1.0,
+def evaluate_leakage(generator, n: int, *, num_steps: int, seed: int = 1234, shift: float = 0.0,
                      batch_size: int = 125, progress: bool = True) -> dict:
     """Generate the ``n`` probe layouts (ODE sampling, as `diffrl.eval.evaluate`) and measure their leakage."""
     from diffrl.eval.evaluate import generate

@@ -18,8 +18,8 @@ from diffrl.policies.sde import sde_mean_std
 class Sampler(Protocol):
     prediction: str  # "flow" (the model predicts v = ε − x0) or "epsilon"
 
-    def times(self, num_steps: int, shift: float = 1.0) -> Tensor:
-        """[T+1] decreasing times in [0, 1], the last one 0."""
+    def times(self, num_steps: int, shift: float = 0.0) -> Tensor:
+        """[T+1] decreasing times in [0, 1], the last one 0 (``shift`` 0: the sampler's own)."""
 
     def mean_std(self, model_output: Tensor, t: Tensor | float, t_next: Tensor | float, sample: Tensor,
                  noise_level: Tensor | float) -> tuple[Tensor, Tensor]:
@@ -47,8 +47,11 @@ class FlowSampler:
 
     prediction = "flow"
 
-    def times(self, num_steps: int, shift: float = 1.0) -> Tensor:
-        return flow_sigmas(num_steps, shift)
+    def __init__(self, shift: float = 1.0):
+        self.shift = shift  # the model's own time shift (its scheduler's: 3.0 for SD3), used when a run asks for 0
+
+    def times(self, num_steps: int, shift: float = 0.0) -> Tensor:
+        return flow_sigmas(num_steps, shift or self.shift)
 
     def mean_std(self, model_output, t, t_next, sample, noise_level):
         return sde_mean_std(model_output, t, t_next, sample, noise_level)
@@ -61,7 +64,7 @@ class FlowSampler:
         return noise - x0
 
     def __repr__(self) -> str:
-        return "FlowSampler()"
+        return f"FlowSampler(shift={self.shift:g})"
 
 
 def as_batch_times(t: Tensor | float, batch: int, device: torch.device) -> Tensor:

@@ -110,6 +110,7 @@ def load_sd3_generator(path: str | Path, dtype: str = "float32", t5: bool = Fals
 
     from diffrl.policies.backbones.mmdit import LayoutMMDiT
     from diffrl.policies.generator import LayoutGenerator, VAESpace, _dtype, load_adapter
+    from diffrl.policies.samplers import FlowSampler
 
     path = Path(path)
     index = json.loads((path / "model_index.json").read_text())
@@ -142,4 +143,6 @@ def load_sd3_generator(path: str | Path, dtype: str = "float32", t5: bool = Fals
         heads = transformer.config.num_attention_heads  # the adapter's attention splits the width like the blocks'
         denoiser = LayoutMMDiT.with_new_adapter(transformer, phrase_dim=text.pooled_dim, num_heads=heads)
     space = VAESpace(vae, size=transformer.config.sample_size)
-    return LayoutGenerator(denoiser, text, space, lora_by_default=True)
+    scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    sampler = FlowSampler(shift=float(scheduler.get("shift", 1.0)))  # SD3's FlowMatchEulerDiscreteScheduler: 3.0
+    return LayoutGenerator(denoiser, text, space, sampler, lora_by_default=True)

@@ -157,7 +157,7 @@ class DDIMSampler:
         self.final_alpha_cumprod = float(self.scheduler.final_alpha_cumprod)
         self.clip_sample = cfg.clip_sample_range if cfg.clip_sample else None
 
-    def times(self, num_steps: int, shift: float = 1.0) -> Tensor:
+    def times(self, num_steps: int, shift: float = 0.0) -> Tensor:
         """[T+1]: the DDIM timesteps / N, then 0 (``shift`` is a flow-schedule setting and is ignored here)."""
         self.scheduler.set_timesteps(num_steps)
         timesteps = self.scheduler.timesteps
