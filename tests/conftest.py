@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random generator and a tiny Grounding DINO, built from configs in code (no downloads)."""
+"""Shared fixtures: a tiny random generator and a tiny Grounding DINO, built from configs in code (no downloads),
+and the check that an exported LoRA changes a plain diffusers pipeline."""
 
 import pytest
 import torch
@@ -77,3 +78,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def assert_lora_changes_the_output(pipe, lora_folder, size: int) -> None:
+    """A plain diffusers pipeline samples differently (same seed, 2 steps, latents out) once it has loaded the
+    LoRA `diffrl export` wrote into ``lora_folder``."""
+    kwargs = dict(num_inference_steps=2, guidance_scale=1.0, height=size, width=size, output_type="latent")
+    before = pipe("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(lora_folder)
+    after = pipe("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert not torch.allclose(before, after)

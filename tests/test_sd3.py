@@ -11,6 +11,7 @@ from safetensors import safe_open
 from diffrl.cli import main
 from diffrl.policies.text import build_word_tokenizer
 from diffrl.shapes.world import sample_layouts
+from tests.conftest import assert_lora_changes_the_output
 
 WORDS = ["a", "an", "and", ",", "red", "green", "blue", "yellow", "white", "black", "square", "circle", "triangle"]
 TINY = ["env.layouts_per_iter=2", "env.group_size=2", "env.num_steps=2", "env.levels=[2]", "eval.layouts=2",
@@ -190,11 +191,7 @@ def test_train_export_and_load_in_plain_diffusers(sd3_folder, tmp_path, algo, ex
     card = (out / "README.md").read_text()
     assert f"base_model: {sd3_folder}" in card and "ppo" in card and "| final |" in card
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder, text_encoder_3=None, tokenizer_3=None)
-    kwargs = dict(num_inference_steps=2, guidance_scale=1.0, height=32, width=32, output_type="latent")
-    before = pipe("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images
-    pipe.load_lora_weights(out)
-    after = pipe("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert not torch.allclose(before, after)
+    assert_lora_changes_the_output(pipe, out, size=32)
 
 
 def test_missing_weights_say_what_to_download(sd3_folder, tmp_path, capsys):

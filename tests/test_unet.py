@@ -12,6 +12,7 @@ import yaml
 
 from diffrl.algos.sft import flow_matching_loss
 from diffrl.cli import main
+from diffrl.config import ModelConfig
 from diffrl.errors import UserError
 from diffrl.layout import Layout
 from diffrl.policies.backbones.tiny import VOCAB
@@ -21,12 +22,12 @@ from diffrl.policies.backbones.unet import (
     LayoutUNet,
     discrete_timestep,
     gligen_inputs,
-    load_sd_generator,
     transformer_blocks,
 )
-from diffrl.policies.generator import LayoutGenerator, VAESpace, load_generator
+from diffrl.policies.generator import LayoutGenerator, VAESpace, build_generator, load_generator
 from diffrl.policies.layout_adapter import block_grid
 from diffrl.policies.text import Conditioning, build_word_tokenizer
+from tests.conftest import assert_lora_changes_the_output
 
 WIDTH = 32  # text width = cross-attention width
 # SD1.5's scheduler_config.json (a PNDMScheduler config; the sampler reads it into a DDIMScheduler as the pipelines do)
@@ -314,15 +315,15 @@ def test_load_generator_reads_an_sd15_pipeline_folder(sd_folder):
 def test_a_gligen_folder_grounds_with_its_own_fusers_and_idm_needs_an_adapter(gligen_folder, tmp_path):
     generator = load_generator(str(gligen_folder))
     assert generator.denoiser.gligen and generator.denoiser.adapter is None
-    with pytest.raises(UserError, match="GLIGEN model: its gated fusers carry no IDM"):
-        load_sd_generator(gligen_folder, idm=True)
+    with pytest.raises(UserError, match="no layout adapter to carry IDM"):
+        build_generator(ModelConfig(name=str(gligen_folder), idm=True))
     # with our adapter beside GLIGEN's fusers, IDM is there
     from diffrl.policies.generator import save_adapter
 
     plain = load_generator(str(gligen_folder))
     adapter = LayoutUNet.with_new_adapter(plain.denoiser.unet, phrase_dim=WIDTH).adapter
     save_adapter(adapter, tmp_path / "adapter")
-    both = load_sd_generator(gligen_folder, adapter=tmp_path / "adapter", idm=True)
+    both = build_generator(ModelConfig(name=str(gligen_folder), adapter=str(tmp_path / "adapter"), idm=True))
     assert both.denoiser.gligen and both.denoiser.adapter.config.idm
     run = tmp_path / "run"
     assert main(["train", "--model", str(gligen_folder), "--out", str(run), "algo.dis_coef=0.1"]) == 2
@@ -385,8 +386,4 @@ def test_exported_unet_lora_loads_into_a_plain_sd_pipeline_and_changes_its_outpu
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "layout_adapter" / "config.json").is_file()
     assert "StableDiffusionPipeline" in (out / "README.md").read_text()
     pipe = StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None, requires_safety_checker=False)
-    kwargs = dict(num_inference_steps=2, guidance_scale=1.0, height=16, width=16, output_type="latent")
-    before = pipe("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images
-    pipe.load_lora_weights(out)
-    after = pipe("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert not torch.allclose(before, after)
+    assert_lora_changes_the_output(pipe, out, size=16)

@@ -212,13 +212,12 @@ class CLIPTextEncoder(TextEncoder):
         return out.last_hidden_state[0], out.pooler_output[0]
 
 
-def load_sd_generator(path: str | Path, dtype: str = "float32", adapter: str | Path | None = None, t5: bool = False,
-                      idm: bool = False):
+def load_sd_generator(path: str | Path, dtype: str = "float32", adapter: str | Path | None = None, t5: bool = False):
     """An SD1.x / GLIGEN pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) as a `LayoutGenerator`.
 
     ``adapter``: a layout adapter folder (config.json + model.safetensors); without one, the folder's own
     ``layout_adapter/`` if it has one, else a fresh adapter for a plain SD1.x UNet and none for a GLIGEN UNet.
-    ``idm``: give the adapter I-DRUID's IDM (a GLIGEN model needs an adapter for that)."""
+    IDM comes on top, like LoRA (`diffrl.policies.generator.build_generator`, ``model.idm``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
     from transformers.utils import logging as hf_logging
@@ -251,11 +250,6 @@ def load_sd_generator(path: str | Path, dtype: str = "float32", adapter: str | P
         layout_adapter = None
     else:
         layout_adapter = LayoutAdapter(new_adapter_config(unet, text_model.config.hidden_size))
-    if idm:
-        if layout_adapter is None:
-            raise UserError(f"{path} is a GLIGEN model: its gated fusers carry no IDM; pass a layout adapter "
-                            "(model.adapter) for IDM / algo.dis_coef, or set algo.dis_coef=0")
-        layout_adapter.enable_idm()
     denoiser = LayoutUNet(unet, layout_adapter, sampler.num_train_timesteps)
     space = VAESpace(vae, size=unet.config.sample_size)
     return LayoutGenerator(denoiser, CLIPTextEncoder(tokenizer, text_model), space, sampler, lora_by_default=True)
