@@ -37,6 +37,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffrl.policies.backbones.mmdit import LayoutMMDiT
+from diffrl.policies.generator import guided
 from diffrl.policies.lora import LoraReference, add_lora
 from diffrl.policies.sde import gaussian_log_prob, sde_mean_std
 from diffrl.policies.text import Conditioning
@@ -107,18 +108,10 @@ def random_conditioning(batch: int, config: dict, device: torch.device, generato
     ).to(device)
 
 
-def with_unconditional(cond: Conditioning) -> Conditioning:
-    """[2B] conditioning: the unconditional half (zero prompt, no grounding) then the conditional half."""
-    uncond = Conditioning(torch.zeros_like(cond.prompt_embeds), torch.zeros_like(cond.pooled),
-                          torch.zeros_like(cond.phrase_embeds), cond.boxes, torch.zeros_like(cond.instance_mask))
-    return Conditioning(*(torch.cat([u, c]) for u, c in zip(
-        (uncond.prompt_embeds, uncond.pooled, uncond.phrase_embeds, uncond.boxes, uncond.instance_mask),
-        (cond.prompt_embeds, cond.pooled, cond.phrase_embeds, cond.boxes, cond.instance_mask))))
-
-
-def guided_velocity(model, x, t, cond2: Conditioning, guidance: float):
-    v_uncond, v_cond = model(torch.cat([x, x]), torch.cat([t, t]), cond2).float().chunk(2)
-    return v_uncond + guidance * (v_cond - v_uncond)
+def unconditional(cond: Conditioning) -> Conditioning:
+    """CFG's unconditional half: no prompt (zeros: the benchmark has no text encoder), no grounding."""
+    return Conditioning(torch.zeros_like(cond.prompt_embeds), torch.zeros_like(cond.pooled),
+                        torch.zeros_like(cond.phrase_embeds), cond.boxes, torch.zeros_like(cond.instance_mask))
 
 
 def synchronize(device: torch.device) -> None:
@@ -157,12 +150,13 @@ def bench(config: dict, setup: Setup, args, device: torch.device) -> dict:
     x = torch.randn(b, config["in_channels"], size, size, generator=gen).to(device)
     t = torch.full((b,), 0.9, device=device)
     t_next = torch.full((b,), 0.8, device=device)
-    cond2 = with_unconditional(random_conditioning(b, config, device, gen))
+    cond = random_conditioning(b, config, device, gen)
+    uncond = unconditional(cond)
     advantages = torch.randn(b, generator=gen).to(device)
 
     @torch.no_grad()
     def rollout_step():
-        v = guided_velocity(policy, x, t, cond2, args.guidance)
+        v = guided(policy, x, t, cond, uncond, args.guidance)
         mean, std = sde_mean_std(v, t, t_next, x, args.noise_level)
         sample = mean + std * torch.randn_like(mean)
         return sample, gaussian_log_prob(sample, mean, std)
@@ -170,13 +164,13 @@ def bench(config: dict, setup: Setup, args, device: torch.device) -> dict:
     sample, old_log_prob = rollout_step()
 
     def train_step():
-        mean, std = sde_mean_std(guided_velocity(policy, x, t, cond2, args.guidance), t, t_next, x, args.noise_level)
+        mean, std = sde_mean_std(guided(policy, x, t, cond, uncond, args.guidance), t, t_next, x, args.noise_level)
         log_prob = gaussian_log_prob(sample, mean, std) / mean[0].numel()
         ratio = torch.exp(log_prob - old_log_prob / mean[0].numel())
         clipped = torch.clamp(ratio, 0.8, 1.2)
         loss = -torch.minimum(ratio * advantages, clipped * advantages).mean()
         with torch.no_grad():
-            ref_mean, _ = sde_mean_std(guided_velocity(reference, x, t, cond2, args.guidance),
+            ref_mean, _ = sde_mean_std(guided(reference, x, t, cond, uncond, args.guidance),
                                        t, t_next, x, args.noise_level)
         kl = ((mean - ref_mean) ** 2).flatten(1).sum(1) / (2 * std.flatten() ** 2)
         loss = loss + 0.01 * kl.mean() / mean[0].numel()

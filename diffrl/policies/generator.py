@@ -126,15 +126,9 @@ class LayoutGenerator(nn.Module):
 
     def guided_output(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """The model output a step uses: with guidance, ``u + s·(c − u)`` (float32) from one batched forward."""
-        s = self.guidance_scale
-        if s == 1:
+        if self.guidance_scale == 1:
             return self.denoiser(x, t, cond)
-        n = x.shape[0]
-        uncond = self.null_conditioning(cond)
-        both = Conditioning(*(torch.cat([u, c.to(u.dtype)]) for u, c in zip(uncond.tensors(), cond.tensors())))
-        out = self.denoiser(torch.cat([x, x]), torch.cat([t.reshape(n), t.reshape(n)]), both)  # [2B, C, H, W]
-        u, c = out[:n].float(), out[n:].float()
-        return u + s * (c - u)
+        return guided(self.denoiser, x, t, cond, self.null_conditioning(cond), self.guidance_scale)
 
     def step_mean_std(self, x: Tensor, t: Tensor | float, t_next: Tensor | float, cond: Conditioning,
                       noise_level: Tensor | float) -> tuple[Tensor, Tensor]:
@@ -193,6 +187,16 @@ class LayoutGenerator(nn.Module):
         adapter = load_adapter(path / "layout_adapter")
         space = LatentSpace(index["space"], index["channels"], index["image_size"])
         return cls(LayoutMMDiT(transformer, adapter), TextEncoder(tokenizer, text_model), space)
+
+
+def guided(denoiser: nn.Module, x: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning, scale: float) -> Tensor:
+    """Classifier-free guidance ``u + s·(c − u)`` (float32) from one forward of the unconditional and conditional
+    halves batched together: x [B, C, H, W], t [B], ``cond`` and ``uncond`` with B rows each."""
+    n = x.shape[0]
+    both = Conditioning(*(torch.cat([u, c.to(u.dtype)]) for u, c in zip(uncond.tensors(), cond.tensors())))
+    out = denoiser(torch.cat([x, x]), torch.cat([t.reshape(n), t.reshape(n)]), both)  # [2B, C, H, W]
+    u, c = out[:n].float(), out[n:].float()
+    return u + scale * (c - u)
 
 
 def save_adapter(adapter: LayoutAdapter, path: Path) -> None:
