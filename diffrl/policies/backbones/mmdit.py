@@ -42,7 +42,7 @@ class LayoutMMDiT(nn.Module):
         # x: [B, C, H, W] at flow time sigma [B] in [0, 1]; returns the velocity [B, C, H, W]
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         dtype = next(self.transformer.parameters()).dtype
-        with self.adapter.grounding(cond.phrase_embeds.to(dtype), cond.boxes.to(dtype), cond.instance_mask, grid):
+        with self.adapter.grounding(cond.phrase_embeds, cond.boxes, cond.instance_mask, grid):
             return self.transformer(
                 hidden_states=x.to(dtype),
                 encoder_hidden_states=cond.prompt_embeds.to(dtype),

@@ -103,7 +103,7 @@ class LayoutUNet(nn.Module):
         if self.gligen:
             kwargs["cross_attention_kwargs"] = {"gligen": gligen_inputs(cond, dtype)}
         if self.adapter is not None:
-            grounding = self.adapter.grounding(cond.phrase_embeds.to(dtype), cond.boxes.to(dtype), cond.instance_mask,
+            grounding = self.adapter.grounding(cond.phrase_embeds, cond.boxes, cond.instance_mask,
                                                (x.shape[-2], x.shape[-1]))  # the finest token grid: the latent's
         else:
             grounding = contextlib.nullcontext()
