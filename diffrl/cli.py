@@ -232,6 +232,7 @@ def cmd_eval(args) -> int:
         metrics, _ = evaluate(generator, reward, layouts, num_steps=args.steps, seed=args.seed,
                               progress=not args.quiet)
         print(_metrics_table(metrics))
+        print(", ".join(f"{label}: {n}" for label, n in metrics["verdicts"].items()))
     if leakage_layouts:
         from diffrl.eval.leakage import evaluate_leakage
 

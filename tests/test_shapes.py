@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffrl.eval.metrics import instance_metrics
+from diffrl.eval.metrics import instance_metrics, summarize
 from diffrl.layout import Layout, LayoutError
 from diffrl.rewards import ShapesReward
 from diffrl.shapes.detector import detect
@@ -144,3 +144,17 @@ def test_isr_and_miou_per_level_by_hand():
     assert m["per_level"]["L2"] == {"isr": 0.5, "miou": pytest.approx(0.4), "instances": 2}
     assert m["per_level"]["L1"] == {"isr": 0.0, "miou": 0.0, "instances": 1}
     assert list(m["per_level"]) == ["L1", "L2"]
+
+
+def test_summary_counts_each_failure_at_the_first_check_it_fails():
+    # four instances asked for, drawn: right (ok), absent (missed), 4 px off (IoU 1/3: wrong box),
+    # a circle where a triangle was asked (in its box: wrong attribute); a second image, all right
+    ok, absent, off, circle = (0.0, 0.0, 0.25, 0.25), (0.5, 0.0, 0.75, 0.25), (0.0, 0.5, 0.25, 0.75), (0.5, 0.5, 0.75, 0.75)
+    target = layout(("red square", ok), ("blue square", absent), ("green square", off), ("white triangle", circle))
+    drawn = layout(("red square", ok), ("green square", (0.125, 0.5, 0.375, 0.75)), ("white circle", circle))
+    other = layout(("yellow circle", ok))
+    layouts = [target, other]
+    out = ShapesReward()(torch.cat([render([drawn]), render([other])]), layouts)
+    m = summarize([out], layouts)
+    assert m["verdicts"] == {"ok": 2, "missed": 1, "wrong box": 1, "wrong attribute": 1}
+    assert m["isr"] == pytest.approx(2 / 5)

@@ -3,6 +3,11 @@
 Per instance, success = IoU ≥ 0.5 with its box and the right attributes (colour; here shape too).
 ISR  = successes / instances.
 mIoU = mean per-instance IoU, where an instance that fails its attribute check counts 0.
+
+`summarize` also counts where the instances that fail, fail, in COCO-MIG's order of checks (``verdicts``):
+``missed`` (no detection of the phrase matched it), ``wrong box`` (matched, IoU < 0.5) and ``wrong attribute``
+(in its box, an attribute wrong: in the Shapes world the shape, since a match already has the right colour;
+a grounded reward's verdict has no attribute check beyond the match, so it counts none here).
 """
 
 from __future__ import annotations
@@ -46,4 +51,15 @@ def summarize(outputs: Sequence[RewardOutput], layouts: Sequence[Layout]) -> dic
     attr_ok = cat("color_ok") & cat("shape_ok")
     metrics = instance_metrics(cat("success"), cat("iou"), attr_ok, cat("instance_mask"), [l.n for l in layouts])
     return {"isr": metrics["isr"], "miou": metrics["miou"], "reward": float(rewards.mean()),
-            "per_level": metrics["per_level"]}
+            "per_level": metrics["per_level"],
+            "verdicts": verdict_counts(cat("success"), cat("iou"), cat("color_ok"), attr_ok, cat("instance_mask"))}
+
+
+def verdict_counts(success: Tensor, iou: Tensor, found: Tensor, attr_ok: Tensor, mask: Tensor) -> dict[str, int]:
+    """[B, K] per-instance verdicts → instance counts {"ok", "missed", "wrong box", "wrong attribute"} (they sum
+    to the instance count; ``found``: a detection of the phrase was matched to the instance)."""
+    success, found, attr_ok, mask = (t.bool().cpu() for t in (success, found, attr_ok, mask))
+    box_ok = iou.float().cpu() >= 0.5
+    counts = {"ok": success & mask, "missed": ~found & mask, "wrong box": found & ~box_ok & mask,
+              "wrong attribute": found & box_ok & ~attr_ok & mask}
+    return {name: int(rows.sum()) for name, rows in counts.items()}
