@@ -1,0 +1,139 @@
+"""How far can the shipped model move in the time a default run trains? A supervised upper bound for RL.
+
+    python benchmarks/headroom.py [--seconds 480] [--lrs 1e-4 3e-4 1e-3] [--targets exact own-best]
+                                  [--plot docs/headroom.png]
+
+Each configuration starts from the shipped model and trains it by plain flow matching
+(`diffrl.algos.sft.flow_matching_loss`) for ``--seconds`` of training time — about what `diffrl train` has
+left for its 30 iterations after its two evaluations — with Adam, batch ``--batch`` (64), gradient-norm
+clip 1, on fresh L2–L6 layouts every step. Every ``--eval-every`` steps (evaluation time not counted) it
+scores the same 250 held-out L2–L6 layouts as `diffrl train`'s summary, by deterministic ODE sampling.
+
+``--targets``:
+  exact     the Shapes world's exact renders of each layout: paired data RL never sees. No learner that
+            only gets a scalar reward for its own samples can expect to beat this in the same time.
+  own-best  the model's own ODE samples, ``--group`` (4) per layout, keeping the highest-reward one of
+            each layout: reward-filtered self-distillation (RAFT-style), another way to learn from a reward.
+
+Prints one line per evaluation and a table of the best and last ISR per configuration; ``--plot`` draws
+ISR against training seconds (matplotlib, from the ``sweep`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from diffrl.algos.sft import flow_matching_loss
+from diffrl.eval.evaluate import evaluate, held_out_layouts
+from diffrl.policies.generator import load_generator
+from diffrl.rewards import ShapesReward
+from diffrl.shapes.world import render, sample_layouts
+
+LEVELS = [2, 3, 4, 5, 6]
+
+
+@torch.no_grad()
+def own_best(generator, reward, layouts, group: int, num_steps: int, rng: torch.Generator) -> torch.Tensor:
+    """The highest-reward of ``group`` ODE samples per layout → latents [len(layouts), C, H, W]."""
+    index = torch.arange(len(layouts)).repeat_interleave(group)
+    cond = generator.encode_layouts(layouts)[index]
+    times = generator.sampler.times(num_steps, 0.0)
+    x = torch.randn(len(index), *generator.latent_shape, generator=rng)
+    for s in range(num_steps):
+        x, _ = generator.step_mean_std(x, float(times[s]), float(times[s + 1]), cond, 0.0)
+    scores = reward(generator.space.decode(x), [layouts[i] for i in index.tolist()]).rewards.view(len(layouts), group)
+    best = scores.argmax(1) + torch.arange(len(layouts)) * group
+    return x[best]
+
+
+def run(model: str, targets: str, lr: float, args, eval_set, reward) -> list[tuple[float, int, float, float]]:
+    """→ [(training seconds, step, ISR, mIoU)], starting with the model as shipped at 0 s."""
+    torch.manual_seed(args.seed)
+    generator = load_generator(model)
+    params = [p for p in generator.denoiser.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = torch.Generator().manual_seed(args.seed)
+    evaluate_kw = dict(num_steps=args.num_steps, batch_size=125, progress=False)
+
+    def score(seconds: float, step: int) -> tuple[float, int, float, float]:
+        m, _ = evaluate(generator, reward, eval_set, **evaluate_kw)
+        print(f"   {targets:8s} lr {lr:.0e}  {seconds:6.0f} s  step {step:5d}  ISR {m['isr']:.3f}  mIoU {m['miou']:.3f}",
+              flush=True)
+        return seconds, step, m["isr"], m["miou"]
+
+    curve = [score(0.0, 0)]
+    trained, step = 0.0, 0
+    while trained < args.seconds:
+        tic = time.time()
+        layouts = sample_layouts(args.batch, LEVELS, seed=args.seed * 1_000_003 + step)
+        if targets == "exact":
+            x0 = generator.space.encode(render(layouts, size=generator.space.image_size))
+        else:
+            x0 = own_best(generator, reward, layouts, args.group, args.num_steps, rng)
+        loss = flow_matching_loss(generator, x0, generator.encode_layouts(layouts), rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        trained += time.time() - tic
+        if step % args.eval_every == 0 or trained >= args.seconds:
+            curve.append(score(trained, step))
+    return curve
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="shapes-tiny")
+    parser.add_argument("--seconds", type=float, default=480.0, help="training seconds per configuration")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    parser.add_argument("--targets", nargs="+", choices=["exact", "own-best"], default=["exact", "own-best"])
+    parser.add_argument("--batch", type=int, default=64, help="layouts per step")
+    parser.add_argument("--group", type=int, default=4, help="own-best: samples per layout to choose from")
+    parser.add_argument("--num-steps", type=int, default=10, help="denoising steps of evaluation and own samples")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plot", default="", help="write ISR against training seconds to this PNG")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    reward = ShapesReward()
+    eval_set = held_out_layouts(250, LEVELS, 1234)  # `diffrl train`'s summary set (eval.* defaults)
+    curves = {}
+    for targets in args.targets:
+        for lr in args.lrs:
+            curves[(targets, lr)] = run(args.model, targets, lr, args, eval_set, reward)
+
+    base = next(iter(curves.values()))[0][2]
+    print(f"\nheld-out ISR after {args.seconds:.0f} s of training (base {base:.3f}, {args.threads} threads)")
+    print("| targets | lr | steps | best ISR (at s) | last ISR | Δ last |")
+    print("|---|---|---|---|---|---|")
+    for (targets, lr), curve in curves.items():
+        best = max(curve, key=lambda row: row[2])
+        last = curve[-1]
+        print(f"| {targets} | {lr:.0e} | {last[1]} | {best[2]:.3f} ({best[0]:.0f}) | {last[2]:.3f} | {last[2] - base:+.3f} |")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for (targets, lr), curve in curves.items():
+            ax.plot([r[0] for r in curve], [r[2] for r in curve], marker="o", ms=3,
+                    ls="-" if targets == "exact" else "--", label=f"{targets}, lr {lr:.0e}")
+        ax.axhline(base + 0.08, color="grey", lw=0.8, ls=":", label="base + 0.08 (issue 2's target)")
+        ax.set_xlabel("training seconds (2 CPU cores)")
+        ax.set_ylabel("held-out ISR (250 L2–L6 layouts)")
+        ax.set_title("Flow matching from the shipped model")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
