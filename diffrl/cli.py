@@ -320,8 +320,14 @@ def _metrics_table(m: dict) -> str:
 
 def _summary_table(s: dict) -> str:
     b, f = s["base"], s["final"]
-    return (f"            ISR     mIoU    reward\nbase        {b['isr']:.3f}   {b['miou']:.3f}   {b['reward']:.3f}\n"
-            f"final       {f['isr']:.3f}   {f['miou']:.3f}   {f['reward']:.3f}\n"
+    verdicts = "verdicts" in b and "verdicts" in f  # a run resumed from before they were counted has none in base
+    head = "            ISR     mIoU    reward" + ("   ok / missed / wrong box / wrong attribute" if verdicts else "")
+
+    def row(name: str, m: dict) -> str:
+        counts = "   " + " / ".join(str(n) for n in m["verdicts"].values()) if verdicts else ""
+        return f"{name:<12}{m['isr']:.3f}   {m['miou']:.3f}   {m['reward']:.3f}{counts}"
+
+    return (f"{head}\n{row('base', b)}\n{row('final', f)}\n"
             f"({s['iterations']} iterations, {s['wall_seconds']:.0f} s, {s['eval_layouts']} held-out layouts)")
 
 

@@ -66,7 +66,7 @@ def test_list_prints_every_registry(capsys):
         assert line in out
 
 
-def test_a_short_run_leaves_config_metrics_events_checkpoints_grids_and_summary(tmp_path, saved_generator):
+def test_a_short_run_leaves_config_metrics_events_checkpoints_grids_and_summary(tmp_path, saved_generator, capsys):
     config = tmp_path / "small.yaml"
     config.write_text(yaml.safe_dump({"env": {"layouts_per_iter": 2, "group_size": 2, "num_steps": 4},
                                       "eval": {"layouts": 10, "batch_size": 5, "grid": 4}}))
@@ -89,6 +89,10 @@ def test_a_short_run_leaves_config_metrics_events_checkpoints_grids_and_summary(
     for block in (summary["base"], summary["final"]):
         assert 0 <= block["isr"] <= 1 and 0 <= block["miou"] <= 1
         assert set(block["per_level"]) == {"L2", "L3", "L4", "L5", "L6"}
+        instances = sum(level["instances"] for level in block["per_level"].values())
+        assert sum(block["verdicts"].values()) == instances and block["verdicts"]["ok"] == round(block["isr"] * instances)
+    base_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("base"))
+    assert base_row.endswith(" / ".join(str(n) for n in summary["base"]["verdicts"].values()))
     # the same folder is not overwritten by accident
     assert main(["train", "--model", str(saved_generator), "--out", str(run)]) == 2
 
@@ -104,5 +108,7 @@ def test_pretrain_writes_a_generator_folder_that_eval_and_train_accept(tmp_path,
     metrics = json.loads(report.read_text())
     assert set(metrics["per_level"]) == {"L2", "L3"} and sum(v["instances"] for v in metrics["per_level"].values()) == 25
     assert 0 <= metrics["isr"] <= 1 and 0 <= metrics["reward"] <= 2
-    assert "L2" in capsys.readouterr().out
+    assert sum(metrics["verdicts"].values()) == 25
+    printed = capsys.readouterr().out
+    assert "L2" in printed and ", ".join(f"{k}: {v}" for k, v in metrics["verdicts"].items()) in printed
     assert main(["pretrain", "--out", str(tmp_path / "again"), "--steps", "1", "--init", str(tmp_path / "nothing")]) == 2
