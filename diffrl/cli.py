@@ -225,14 +225,11 @@ def cmd_eval(args) -> int:
         images = generate(generator, layouts, num_steps=args.steps, seed=args.seed, progress=not args.quiet)
         verdicts = judge(images, layouts, progress=not args.quiet)
         metrics = cocomig_metrics(verdicts, layouts)
-        counts = [label for row in verdicts.labels() for label in row]
-        print(_metrics_table(metrics))
-        print(", ".join(f"{label}: {counts.count(label)}" for label in ("ok", "wrong box", "wrong colour", "missed")))
     else:
         metrics, _ = evaluate(generator, reward, layouts, num_steps=args.steps, seed=args.seed,
                               progress=not args.quiet)
-        print(_metrics_table(metrics))
-        print(", ".join(f"{label}: {n}" for label, n in metrics["verdicts"].items()))
+    print(_metrics_table(metrics))
+    print(", ".join(f"{label}: {n}" for label, n in metrics["verdicts"].items()))
     if leakage_layouts:
         from diffrl.eval.leakage import evaluate_leakage
 

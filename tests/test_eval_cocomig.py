@@ -153,6 +153,7 @@ def test_judge_by_hand():
     assert m["isr"] == pytest.approx(0.4) and m["miou"] == pytest.approx(0.36) and m["reward"] is None
     assert m["per_level"]["L2"] == pytest.approx({"isr": 0.5, "miou": 0.6, "instances": 2})
     assert m["per_level"]["L3"] == pytest.approx({"isr": 1 / 3, "miou": 0.2, "instances": 3})
+    assert m["verdicts"] == {"ok": 2, "missed": 1, "wrong box": 1, "wrong colour": 1}  # the labels above, counted
     both = Verdicts.cat([CocoMigJudge(grounder)(images[:1], asked[:1]), CocoMigJudge(grounder)(images[1:], asked[1:])])
     assert cocomig_metrics(both, asked) == m  # batch by batch, then padded and joined: the same
 
@@ -385,7 +386,7 @@ def test_cli_judges_cocomig_end_to_end(tmp_path, tiny_gdino, tiny_sam, saved_gen
                  "--reward-model", str(tiny_gdino), "--sam-model", str(tiny_sam), "--steps", "2", "--out", str(out),
                  "--quiet"]) == 0
     metrics = json.loads(out.read_text())
-    assert set(metrics) == {"isr", "miou", "reward", "per_level"} and metrics["reward"] is None
+    assert set(metrics) == {"isr", "miou", "reward", "per_level", "verdicts"} and metrics["reward"] is None
     assert {level: block["instances"] for level, block in metrics["per_level"].items()} == {"L2": 2, "L3": 3}
     assert 0 <= metrics["isr"] <= 1 and 0 <= metrics["miou"] <= 1
     report = (out.parent / "eval.html").read_text()
@@ -393,6 +394,7 @@ def test_cli_judges_cocomig_end_to_end(tmp_path, tiny_gdino, tiny_sam, saved_gen
     assert len(pictures) == 2 and all(base64.b64decode(p).startswith(b"\x89PNG") for p in pictures)
     verdicts = re.findall(r"<td class='[a-z-]+'>(ok|wrong box|wrong colour|missed)</td>", report)
     assert len(verdicts) == 5
+    assert metrics["verdicts"] == {label: verdicts.count(label) for label in ("ok", "missed", "wrong box", "wrong colour")}
     assert "a photo of a green triangle and a white square and a black circle" in report
     printed = capsys.readouterr().out
     assert "L3" in printed and f"wrote {out}" in printed

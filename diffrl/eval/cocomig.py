@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from diffrl.boxes import box_iou, nms
 from diffrl.errors import UserError
-from diffrl.eval.metrics import instance_metrics
+from diffrl.eval.metrics import instance_metrics, verdict_counts
 from diffrl.layout import Layout
 from diffrl.rewards.grounder import GROUNDING_DINO, Grounder, Grounding, load_pretrained
 
@@ -192,12 +192,15 @@ class Verdicts:
 
 
 def cocomig_metrics(verdicts: Verdicts, layouts: Sequence[Layout]) -> dict:
-    """Verdicts of ``layouts`` → the summary block ``M`` = {"isr", "miou", "reward", "per_level"} of
-    summary.json, through `instance_metrics` (mIoU counts an instance's IoU unless its colour check failed).
-    ``reward`` is None: the judge gives verdicts, not a reward."""
+    """Verdicts of ``layouts`` → the summary block ``M`` = {"isr", "miou", "reward", "per_level", "verdicts"} of
+    summary.json, through `instance_metrics` (mIoU counts an instance's IoU unless its colour check failed) and
+    `verdict_counts` (the instance count of each of `Verdicts.labels`). ``reward`` is None: the judge gives
+    verdicts, not a reward."""
     not_refuted = ~verdicts.box_ok | verdicts.color_ok  # a wrong box keeps its IoU, as eval_mig.py's ovmax
     m = instance_metrics(verdicts.success, verdicts.iou, not_refuted, verdicts.mask, [layout.n for layout in layouts])
-    return {"isr": m["isr"], "miou": m["miou"], "reward": None, "per_level": m["per_level"]}
+    counts = verdict_counts(verdicts.success, verdicts.iou, verdicts.found, verdicts.color_ok, verdicts.mask,
+                            attribute="wrong colour")
+    return {"isr": m["isr"], "miou": m["miou"], "reward": None, "per_level": m["per_level"], "verdicts": counts}
 
 
 class CocoMigJudge:

@@ -55,11 +55,13 @@ def summarize(outputs: Sequence[RewardOutput], layouts: Sequence[Layout]) -> dic
             "verdicts": verdict_counts(cat("success"), cat("iou"), cat("color_ok"), attr_ok, cat("instance_mask"))}
 
 
-def verdict_counts(success: Tensor, iou: Tensor, found: Tensor, attr_ok: Tensor, mask: Tensor) -> dict[str, int]:
-    """[B, K] per-instance verdicts → instance counts {"ok", "missed", "wrong box", "wrong attribute"} (they sum
-    to the instance count; ``found``: a detection of the phrase was matched to the instance)."""
+def verdict_counts(success: Tensor, iou: Tensor, found: Tensor, attr_ok: Tensor, mask: Tensor,
+                   attribute: str = "wrong attribute") -> dict[str, int]:
+    """[B, K] per-instance verdicts → instance counts {"ok", "missed", "wrong box", ``attribute``} (they sum to the
+    instance count; ``found``: a detection of the phrase was matched to the instance; ``attribute`` names the
+    attribute failure, "wrong colour" for COCO-MIG's judge)."""
     success, found, attr_ok, mask = (t.bool().cpu() for t in (success, found, attr_ok, mask))
     box_ok = iou.float().cpu() >= 0.5
     counts = {"ok": success & mask, "missed": ~found & mask, "wrong box": found & ~box_ok & mask,
-              "wrong attribute": found & box_ok & ~attr_ok & mask}
+              attribute: found & box_ok & ~attr_ok & mask}
     return {name: int(rows.sum()) for name, rows in counts.items()}
