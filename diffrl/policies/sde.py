@@ -71,6 +71,17 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return elementwise.flatten(1).sum(1)
 
 
+def gaussian_step(mean: Tensor, std: Tensor, sample: Tensor, prev_sample: Tensor | None = None,
+                  generator: torch.Generator | None = None) -> SDEStep:
+    """A step x_next ~ N(mean, std²) from ``sample``: drawn (or ``prev_sample`` re-scored) with its exact log-density,
+    returned in ``sample``'s dtype; what `flow_sde_step` and `ddim_step` share once they have their mean and std."""
+    if prev_sample is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        prev_sample = mean + std * noise
+    log_prob = gaussian_log_prob(prev_sample, mean, std)
+    return SDEStep(prev_sample.to(sample.dtype), log_prob, mean, std)
+
+
 def flow_sde_step(
     velocity: Tensor,
     sigma: Tensor | float,
@@ -86,11 +97,7 @@ def flow_sde_step(
     ``prev_sample`` given the step re-scores that sample instead of drawing a new one.
     """
     mean, std = sde_mean_std(velocity, sigma, sigma_next, sample, noise_level)
-    if prev_sample is None:
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        prev_sample = mean + std * noise
-    log_prob = gaussian_log_prob(prev_sample, mean, std)
-    return SDEStep(prev_sample.to(sample.dtype), log_prob, mean, std)
+    return gaussian_step(mean, std, sample, prev_sample, generator)
 
 
 def kl_to_reference(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
@@ -177,8 +184,4 @@ def ddim_step(
     ``alpha_prod``/``alpha_prod_prev`` are ᾱ at the current and the next (less noisy) timestep; with
     ``prev_sample`` given the step re-scores that sample instead of drawing a new one."""
     mean, std = ddim_mean_std(model_output, alpha_prod, alpha_prod_prev, sample, eta, prediction_type, clip_sample)
-    if prev_sample is None:
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        prev_sample = mean + std * noise
-    log_prob = gaussian_log_prob(prev_sample, mean, std)
-    return SDEStep(prev_sample.to(sample.dtype), log_prob, mean, std)
+    return gaussian_step(mean, std, sample, prev_sample, generator)
