@@ -1,7 +1,7 @@
 """How far can the shipped model move in the time a default run trains? A supervised upper bound for RL.
 
     python benchmarks/headroom.py [--seconds 480] [--lrs 1e-4 3e-4 1e-3] [--targets exact own-best]
-                                  [--plot docs/headroom.png]
+                                  [--window 0.2] [--plot docs/headroom.png]
 
 Each configuration starts from the shipped model and trains it by plain flow matching
 (`diffrl.algos.sft.flow_matching_loss`) for ``--seconds`` of training time — about what `diffrl train` has
@@ -15,6 +15,11 @@ scores the same 250 held-out L2–L6 layouts as `diffrl train`'s summary, by det
   own-best  the model's own ODE samples, ``--group`` (4) per layout, keeping the highest-reward one of
             each layout: reward-filtered self-distillation (RAFT-style), another way to learn from a reward.
 
+``--window F`` trains only at the flow times of the first F of the ``--num-steps`` steps — RL's window
+(`policy.window`), whose steps are the only ones an RL update is meant to change — and scores each evaluation
+twice: as trained, and with the base weights on every step after the window (`diffrl.eval.split`), which is
+what a learner confined to the window can gain there.
+
 Prints one line per evaluation and a table of the best and last ISR per configuration; ``--plot`` draws
 ISR against training seconds (matplotlib, from the ``sweep`` extra).
 """
@@ -22,12 +27,14 @@ ISR against training seconds (matplotlib, from the ``sweep`` extra).
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
 
 from diffrl.algos.sft import flow_matching_loss
 from diffrl.eval.evaluate import evaluate, held_out_layouts
+from diffrl.eval.split import split_generator, window_boundary
 from diffrl.policies.generator import load_generator
 from diffrl.rewards import ShapesReward
 from diffrl.shapes.world import render, sample_layouts
@@ -49,20 +56,28 @@ def own_best(generator, reward, layouts, group: int, num_steps: int, rng: torch.
     return x[best]
 
 
-def run(model: str, targets: str, lr: float, args, eval_set, reward) -> list[tuple[float, int, float, float]]:
-    """→ [(training seconds, step, ISR, mIoU)], starting with the model as shipped at 0 s."""
+def run(model: str, targets: str, lr: float, args, eval_set, reward) -> list[tuple[float, int, float, float, float]]:
+    """→ [(training seconds, step, ISR, mIoU, ISR with the base weights after the window (nan without
+    --window))], starting with the model as shipped at 0 s."""
     torch.manual_seed(args.seed)
     generator = load_generator(model)
     params = [p for p in generator.denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = torch.Generator().manual_seed(args.seed)
     evaluate_kw = dict(num_steps=args.num_steps, batch_size=125, progress=False)
+    if args.window:
+        base = copy.deepcopy(generator.denoiser).eval().requires_grad_(False)
+        boundary = window_boundary(generator.sampler, args.num_steps, max(1, round(args.window * args.num_steps)))
 
     def score(seconds: float, step: int) -> tuple[float, int, float, float]:
         m, _ = evaluate(generator, reward, eval_set, **evaluate_kw)
-        print(f"   {targets:8s} lr {lr:.0e}  {seconds:6.0f} s  step {step:5d}  ISR {m['isr']:.3f}  mIoU {m['miou']:.3f}",
-              flush=True)
-        return seconds, step, m["isr"], m["miou"]
+        windowed = float("nan")
+        if args.window:
+            split = split_generator(generator, generator.denoiser, base, boundary)
+            windowed = evaluate(split, reward, eval_set, **evaluate_kw)[0]["isr"]
+        print(f"   {targets:8s} lr {lr:.0e}  {seconds:6.0f} s  step {step:5d}  ISR {m['isr']:.3f}  mIoU {m['miou']:.3f}"
+              + (f"  ISR, base after the window {windowed:.3f}" if args.window else ""), flush=True)
+        return seconds, step, m["isr"], m["miou"], windowed
 
     curve = [score(0.0, 0)]
     trained, step = 0.0, 0
@@ -73,7 +88,8 @@ def run(model: str, targets: str, lr: float, args, eval_set, reward) -> list[tup
             x0 = generator.space.encode(render(layouts, size=generator.space.image_size))
         else:
             x0 = own_best(generator, reward, layouts, args.group, args.num_steps, rng)
-        loss = flow_matching_loss(generator, x0, generator.encode_layouts(layouts), rng)
+        t = boundary + (1 - boundary) * torch.rand(len(layouts), generator=rng) if args.window else None
+        loss = flow_matching_loss(generator, x0, generator.encode_layouts(layouts), rng, t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -95,6 +111,8 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=4, help="own-best: samples per layout to choose from")
     parser.add_argument("--num-steps", type=int, default=10, help="denoising steps of evaluation and own samples")
     parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--window", type=float, default=0.0,
+                        help="train only at the flow times of this first fraction of the steps (RL's window); 0: all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", default="", help="write ISR against training seconds to this PNG")
@@ -109,12 +127,15 @@ def main() -> None:
 
     base = next(iter(curves.values()))[0][2]
     print(f"\nheld-out ISR after {args.seconds:.0f} s of training (base {base:.3f}, {args.threads} threads)")
-    print("| targets | lr | steps | best ISR (at s) | last ISR | Δ last |")
-    print("|---|---|---|---|---|---|")
+    where = f" (trained at the first {args.window:g} of the steps only)" if args.window else ""
+    extra = ("| last ISR, base after the window ", "|---") if args.window else ("", "")
+    print(f"| targets{where} | lr | steps | best ISR (at s) | last ISR | Δ last {extra[0]}|")
+    print(f"|---|---|---|---|---|---{extra[1]}|")
     for (targets, lr), curve in curves.items():
         best = max(curve, key=lambda row: row[2])
         last = curve[-1]
-        print(f"| {targets} | {lr:.0e} | {last[1]} | {best[2]:.3f} ({best[0]:.0f}) | {last[2]:.3f} | {last[2] - base:+.3f} |")
+        tail = f" {last[4]:.3f} |" if args.window else ""
+        print(f"| {targets} | {lr:.0e} | {last[1]} | {best[2]:.3f} ({best[0]:.0f}) | {last[2]:.3f} | {last[2] - base:+.3f} |{tail}")
     if args.plot:
         import matplotlib
 

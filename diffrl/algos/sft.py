@@ -33,11 +33,14 @@ def sample_flow_times(n: int, generator: torch.Generator | None = None, device="
 
 
 def flow_matching_loss(
-    model: LayoutGenerator, x0: Tensor, cond: Conditioning, generator: torch.Generator | None = None
+    model: LayoutGenerator, x0: Tensor, cond: Conditioning, generator: torch.Generator | None = None,
+    t: Tensor | None = None,
 ) -> Tensor:
     """Mean squared error of the model output against the sampler's target (flow: v = ε − x0) for clean latents
-    x0 [B, C, H, W] under their conditioning (no guidance: the conditional model is what is trained)."""
-    t = sample_flow_times(x0.shape[0], generator, x0.device)
+    x0 [B, C, H, W] under their conditioning (no guidance: the conditional model is what is trained), at flow
+    times ``t`` [B] (default: drawn from `sample_flow_times`)."""
+    if t is None:
+        t = sample_flow_times(x0.shape[0], generator, x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     x_t = model.sampler.noisy(x0, noise, t)
     out = model.velocity(x_t, t, cond)
