@@ -19,6 +19,7 @@ import torch
 
 from diffrl.algos.export import load_run
 from diffrl.config import window_steps
+from diffrl.errors import UserError
 from diffrl.eval.evaluate import evaluate, held_out_layouts
 from diffrl.eval.split import split_generator, window_boundary
 from diffrl.policies.generator import build_generator
@@ -31,9 +32,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg, trained = load_run(args.run)
-    base = build_generator(cfg.model, cfg.policy.train)  # the same model with the weights the run started from
+    try:
+        cfg, trained = load_run(args.run)
+    except UserError as err:
+        parser.error(str(err))  # one line on stderr, exit code 2
     window = window_steps(cfg)
+    if window >= cfg.env.num_steps:
+        parser.error(f"{args.run}: its RL window covers all {cfg.env.num_steps} steps; there is no later step to split off")
+    base = build_generator(cfg.model, cfg.policy.train)  # the same model with the weights the run started from
     boundary = window_boundary(base.sampler, cfg.env.num_steps, window, cfg.env.shift)
     reward = build_reward(cfg.reward.name, cfg.reward.model or None)
     layouts = held_out_layouts(cfg.eval.layouts, cfg.eval.levels, cfg.eval.seed)
