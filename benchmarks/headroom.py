@@ -69,7 +69,7 @@ def run(model: str, targets: str, lr: float, args, eval_set, reward) -> list[tup
         base = copy.deepcopy(generator.denoiser).eval().requires_grad_(False)
         boundary = window_boundary(generator.sampler, args.num_steps, max(1, round(args.window * args.num_steps)))
 
-    def score(seconds: float, step: int) -> tuple[float, int, float, float]:
+    def score(seconds: float, step: int) -> tuple[float, int, float, float, float]:
         m, _ = evaluate(generator, reward, eval_set, **evaluate_kw)
         windowed = float("nan")
         if args.window:
@@ -117,6 +117,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", default="", help="write ISR against training seconds to this PNG")
     args = parser.parse_args()
+    if not 0 <= args.window < 1 or (args.window and round(args.window * args.num_steps) >= args.num_steps):
+        parser.error(f"--window {args.window:g}: must leave steps after the window (0 ≤ F < 1 of --num-steps)")
     torch.set_num_threads(args.threads)
     reward = ShapesReward()
     eval_set = held_out_layouts(250, LEVELS, 1234)  # `diffrl train`'s summary set (eval.* defaults)
