@@ -33,6 +33,7 @@ import time
 import torch
 
 from diffrl.algos.sft import flow_matching_loss
+from diffrl.config import window_step_count
 from diffrl.eval.evaluate import evaluate, held_out_layouts
 from diffrl.eval.split import split_generator, window_boundary
 from diffrl.policies.generator import load_generator
@@ -67,13 +68,12 @@ def run(model: str, targets: str, lr: float, args, eval_set, reward) -> list[tup
     evaluate_kw = dict(num_steps=args.num_steps, batch_size=125, progress=False)
     if args.window:
         base = copy.deepcopy(generator.denoiser).eval().requires_grad_(False)
-        boundary = window_boundary(generator.sampler, args.num_steps, max(1, round(args.window * args.num_steps)))
 
     def score(seconds: float, step: int) -> tuple[float, int, float, float, float]:
         m, _ = evaluate(generator, reward, eval_set, **evaluate_kw)
         windowed = float("nan")
         if args.window:
-            split = split_generator(generator, generator.denoiser, base, boundary)
+            split = split_generator(generator, generator.denoiser, base, args.boundary)
             windowed = evaluate(split, reward, eval_set, **evaluate_kw)[0]["isr"]
         print(f"   {targets:8s} lr {lr:.0e}  {seconds:6.0f} s  step {step:5d}  ISR {m['isr']:.3f}  mIoU {m['miou']:.3f}"
               + (f"  ISR, base after the window {windowed:.3f}" if args.window else ""), flush=True)
@@ -88,7 +88,7 @@ def run(model: str, targets: str, lr: float, args, eval_set, reward) -> list[tup
             x0 = generator.space.encode(render(layouts, size=generator.space.image_size))
         else:
             x0 = own_best(generator, reward, layouts, args.group, args.num_steps, rng)
-        t = boundary + (1 - boundary) * torch.rand(len(layouts), generator=rng) if args.window else None
+        t = args.boundary + (1 - args.boundary) * torch.rand(len(layouts), generator=rng) if args.window else None
         loss = flow_matching_loss(generator, x0, generator.encode_layouts(layouts), rng, t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -117,8 +117,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", default="", help="write ISR against training seconds to this PNG")
     args = parser.parse_args()
-    if not 0 <= args.window < 1 or (args.window and round(args.window * args.num_steps) >= args.num_steps):
-        parser.error(f"--window {args.window:g}: must leave steps after the window (0 ≤ F < 1 of --num-steps)")
+    if args.window < 0:
+        parser.error(f"--window {args.window:g}: a fraction of the steps, 0 (off) or more")
+    if args.window:  # the flow time that ends the window, from the model's own schedule
+        try:
+            args.boundary = window_boundary(load_generator(args.model).sampler, args.num_steps,
+                                            window_step_count(args.window, args.num_steps))
+        except ValueError as err:
+            parser.error(f"--window {args.window:g}: {err}")
     torch.set_num_threads(args.threads)
     reward = ShapesReward()
     eval_set = held_out_layouts(250, LEVELS, 1234)  # `diffrl train`'s summary set (eval.* defaults)

@@ -37,10 +37,11 @@ def main() -> None:
     except UserError as err:
         parser.error(str(err))  # one line on stderr, exit code 2
     window = window_steps(cfg)
-    if window >= cfg.env.num_steps:
-        parser.error(f"{args.run}: its RL window covers all {cfg.env.num_steps} steps; there is no later step to split off")
+    try:
+        boundary = window_boundary(trained.sampler, cfg.env.num_steps, window, cfg.env.shift)
+    except ValueError as err:
+        parser.error(f"{args.run}: {err}")
     base = build_generator(cfg.model, cfg.policy.train)  # the same model with the weights the run started from
-    boundary = window_boundary(base.sampler, cfg.env.num_steps, window, cfg.env.shift)
     reward = build_reward(cfg.reward.name, cfg.reward.model or None)
     layouts = held_out_layouts(cfg.eval.layouts, cfg.eval.levels, cfg.eval.seed)
     kwargs = dict(num_steps=cfg.env.num_steps, shift=cfg.env.shift, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)
@@ -53,7 +54,7 @@ def main() -> None:
     for early_name, late_name, early, late in rows:
         m, _ = evaluate(split_generator(base, early, late, boundary), reward, layouts, desc=f"{early_name}/{late_name}",
                         **kwargs)
-        counts = " / ".join(str(v) for v in m["verdicts"].values()) if "verdicts" in m else ""
+        counts = " / ".join(str(v) for v in m["verdicts"].values())
         print(f"| {early_name} | {late_name} | {m['isr']:.3f} | {m['miou']:.3f} | {m['reward']:.3f} | {counts} |",
               flush=True)
 

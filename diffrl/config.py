@@ -295,7 +295,12 @@ def uses_paired_data(cfg: TrainConfig) -> bool:
 
 def window_steps(cfg: TrainConfig) -> int:
     """How many of the first denoising steps RL explores and trains (at least one)."""
-    return max(1, round(cfg.policy.window * cfg.env.num_steps))
+    return window_step_count(cfg.policy.window, cfg.env.num_steps)
+
+
+def window_step_count(window: float, num_steps: int) -> int:
+    """``policy.window`` (a fraction of the steps) → how many of the first ``num_steps`` steps it covers (≥ 1)."""
+    return max(1, round(window * num_steps))
 
 
 def chunk_layouts(cfg: TrainConfig) -> int:

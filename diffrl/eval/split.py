@@ -34,7 +34,8 @@ class TimeSplit(nn.Module):
 def window_boundary(sampler: Sampler, num_steps: int, window_steps: int, shift: float = 0.0) -> float:
     """A flow time between the last window step's and the first later step's (both run at their start time)."""
     if not 0 < window_steps < num_steps:
-        raise ValueError(f"window_steps must be in 1..{num_steps - 1}, got {window_steps}")
+        raise ValueError(f"a window of {window_steps} of {num_steps} steps has no later step to split off "
+                         f"(window_steps must be 1..{num_steps - 1})")
     times = sampler.times(num_steps, shift)
     return float(times[window_steps - 1] + times[window_steps]) / 2
 
