@@ -40,12 +40,18 @@ def test_window_boundary_lies_between_the_last_window_step_and_the_next():
             window_boundary(FlowSampler(), 10, bad, shift=1.0)
 
 
-def test_split_runs_each_denoiser_on_its_own_steps(tiny_generator, one_thread):
-    layouts = sample_layouts(3, [2, 3], seed=5)
-    changed = copy.deepcopy(tiny_generator.denoiser)
+@pytest.fixture
+def changed(tiny_generator):
+    """The tiny generator's denoiser with every weight moved a little: a stand-in for trained weights."""
+    denoiser = copy.deepcopy(tiny_generator.denoiser)
     with torch.no_grad():
-        for p in changed.parameters():
+        for p in denoiser.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    return denoiser
+
+
+def test_split_runs_each_denoiser_on_its_own_steps(tiny_generator, changed, one_thread):
+    layouts = sample_layouts(3, [2, 3], seed=5)
     boundary = window_boundary(tiny_generator.sampler, 4, 1)
     base = tiny_generator.denoiser
 
@@ -61,12 +67,8 @@ def test_split_runs_each_denoiser_on_its_own_steps(tiny_generator, one_thread):
     assert not torch.equal(early_only, both) and not torch.equal(late_only, both)
 
 
-def test_split_generator_steps_with_the_early_denoiser_above_the_boundary_only(tiny_generator):
+def test_split_generator_steps_with_the_early_denoiser_above_the_boundary_only(tiny_generator, changed):
     layouts = sample_layouts(2, [2], seed=6)
-    changed = copy.deepcopy(tiny_generator.denoiser)
-    with torch.no_grad():
-        for p in changed.parameters():
-            p.add_(0.05 * torch.randn_like(p))
     split = split_generator(tiny_generator, changed, tiny_generator.denoiser, boundary=0.7)
     trained = split_generator(tiny_generator, changed, changed, boundary=0.7)
     cond = tiny_generator.encode_layouts(layouts)
