@@ -1,12 +1,12 @@
 """How far can the shipped model move in the time a default run trains? A supervised upper bound for RL.
 
     python benchmarks/headroom.py [--seconds 480] [--lrs 1e-4 3e-4 1e-3] [--targets exact own-best]
-                                  [--window 0.2] [--plot docs/headroom.png]
+                                  [--window 0.2] [--train-levels 1 2 3] [--plot docs/headroom.png]
 
 Each configuration starts from the shipped model and trains it by plain flow matching
 (`diffrl.algos.sft.flow_matching_loss`) for ``--seconds`` of training time — about what `diffrl train` has
 left for its 30 iterations after its two evaluations — with Adam, batch ``--batch`` (64), gradient-norm
-clip 1, on fresh L2–L6 layouts every step. Every ``--eval-every`` steps (evaluation time not counted) it
+clip 1, on fresh layouts every step (L2–L6, or ``--train-levels``). Every ``--eval-every`` steps (evaluation time not counted) it
 scores the same 250 held-out L2–L6 layouts as `diffrl train`'s summary, by deterministic ODE sampling.
 
 ``--targets``:
@@ -19,6 +19,10 @@ scores the same 250 held-out L2–L6 layouts as `diffrl train`'s summary, by det
 (`policy.window`), whose steps are the only ones an RL update is meant to change — and scores each evaluation
 twice: as trained, and with the base weights on every step after the window (`diffrl.eval.split`), which is
 what a learner confined to the window can gain there.
+
+``--train-levels 1 2 3`` draws the training layouts from the shipped model's own pre-training levels instead of
+the held-out L2–L6 (the evaluation set is unchanged): whether more of its own pre-training still moves held-out
+ISR, that is, whether the shipped model is a converged starting point rather than a weakened one.
 
 Prints one line per evaluation and a table of the best and last ISR per configuration; ``--plot`` draws
 ISR against training seconds (matplotlib, from the ``sweep`` extra).
@@ -83,7 +87,7 @@ def run(model: str, targets: str, lr: float, args, eval_set, reward) -> list[tup
     trained, step = 0.0, 0
     while trained < args.seconds:
         tic = time.time()
-        layouts = sample_layouts(args.batch, LEVELS, seed=args.seed * 1_000_003 + step)
+        layouts = sample_layouts(args.batch, args.train_levels, seed=args.seed * 1_000_003 + step)
         if targets == "exact":
             x0 = generator.space.encode(render(layouts, size=generator.space.image_size))
         else:
@@ -113,6 +117,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--window", type=float, default=0.0,
                         help="train only at the flow times of this first fraction of the steps (RL's window); 0: all")
+    parser.add_argument("--train-levels", type=int, nargs="+", default=LEVELS, choices=range(1, 7), metavar="L",
+                        help="Shapes levels of the training layouts (default: the held-out set's, 2–6)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", default="", help="write ISR against training seconds to this PNG")
@@ -136,6 +142,8 @@ def main() -> None:
     base = next(iter(curves.values()))[0][2]
     print(f"\nheld-out ISR after {args.seconds:.0f} s of training (base {base:.3f}, {args.threads} threads)")
     where = f" (trained at the first {args.window:g} of the steps only)" if args.window else ""
+    if args.train_levels != LEVELS:
+        where += f" (trained on L{', L'.join(map(str, args.train_levels))} layouts)"
     extra = ("| last ISR, base after the window ", "|---") if args.window else ("", "")
     print(f"| targets{where} | lr | steps | best ISR (at s) | last ISR | Δ last {extra[0]}|")
     print(f"|---|---|---|---|---|---{extra[1]}|")
