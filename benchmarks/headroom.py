@@ -42,7 +42,7 @@ from diffrl.eval.evaluate import evaluate, held_out_layouts
 from diffrl.eval.split import split_generator, window_boundary
 from diffrl.policies.generator import load_generator
 from diffrl.rewards import ShapesReward
-from diffrl.shapes.world import render, sample_layouts
+from diffrl.shapes.world import LEVELS as WORLD_LEVELS, render, sample_layouts
 
 LEVELS = [2, 3, 4, 5, 6]
 
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--window", type=float, default=0.0,
                         help="train only at the flow times of this first fraction of the steps (RL's window); 0: all")
-    parser.add_argument("--train-levels", type=int, nargs="+", default=LEVELS, choices=range(1, 7), metavar="L",
+    parser.add_argument("--train-levels", type=int, nargs="+", default=LEVELS, choices=WORLD_LEVELS, metavar="L",
                         help="Shapes levels of the training layouts (default: the held-out set's, 2–6)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
