@@ -37,14 +37,14 @@ import time
 import torch
 
 from diffrl.algos.sft import flow_matching_loss
-from diffrl.config import window_step_count
+from diffrl.config import EvalConfig, window_step_count
 from diffrl.eval.evaluate import evaluate, held_out_layouts
 from diffrl.eval.split import split_generator, window_boundary
 from diffrl.policies.generator import load_generator
 from diffrl.rewards import ShapesReward
-from diffrl.shapes.world import LEVELS as WORLD_LEVELS, render, sample_layouts
+from diffrl.shapes.world import LEVELS, render, sample_layouts
 
-LEVELS = [2, 3, 4, 5, 6]
+SUMMARY = EvalConfig()  # `diffrl train`'s held-out summary set: its eval.* defaults
 
 
 @torch.no_grad()
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--window", type=float, default=0.0,
                         help="train only at the flow times of this first fraction of the steps (RL's window); 0: all")
-    parser.add_argument("--train-levels", type=int, nargs="+", default=LEVELS, choices=WORLD_LEVELS, metavar="L",
+    parser.add_argument("--train-levels", type=int, nargs="+", default=SUMMARY.levels, choices=LEVELS, metavar="L",
                         help="Shapes levels of the training layouts (default: the held-out set's, 2–6)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -133,7 +133,7 @@ def main() -> None:
             parser.error(f"--window {args.window:g}: {err}")
     torch.set_num_threads(args.threads)
     reward = ShapesReward()
-    eval_set = held_out_layouts(250, LEVELS, 1234)  # `diffrl train`'s summary set (eval.* defaults)
+    eval_set = held_out_layouts(SUMMARY.layouts, SUMMARY.levels, SUMMARY.seed)
     curves = {}
     for targets in args.targets:
         for lr in args.lrs:
@@ -142,7 +142,7 @@ def main() -> None:
     base = next(iter(curves.values()))[0][2]
     print(f"\nheld-out ISR after {args.seconds:.0f} s of training (base {base:.3f}, {args.threads} threads)")
     where = f" (trained at the first {args.window:g} of the steps only)" if args.window else ""
-    if args.train_levels != LEVELS:
+    if args.train_levels != SUMMARY.levels:
         where += f" (trained on L{', L'.join(map(str, args.train_levels))} layouts)"
     extra = ("| last ISR, base after the window ", "|---") if args.window else ("", "")
     print(f"| targets{where} | lr | steps | best ISR (at s) | last ISR | Δ last {extra[0]}|")
