@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from diffrl.allocator import tune_malloc
 from diffrl.errors import UserError
 from diffrl.layout import LayoutError
 
@@ -333,6 +334,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "swe
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_malloc()  # before the first tensor: keeps freed memory in the process (see diffrl.allocator)
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
