@@ -22,6 +22,7 @@ from diffrl.config import EnvConfig, EvalConfig
 from diffrl.errors import UserError
 from diffrl.eval.evaluate import held_out_layouts
 from diffrl.policies.generator import load_generator
+from diffrl.policies.sde import gaussian_step
 from diffrl.rewards import build_reward
 
 
@@ -33,17 +34,25 @@ def differs(verdict: torch.Tensor, layouts: int, branches: int, mask: torch.Tens
 
 
 @torch.no_grad()
-def branch(generator, reward, layouts, times, step: int, noise_level: float, branches: int, seed: int) -> dict:
-    n = len(layouts)
-    cond = generator.encode_layouts(layouts)
-    x = torch.randn(n, *generator.latent_shape, generator=torch.Generator().manual_seed(seed))
-    for s in range(step):  # the shared deterministic path up to step k
+def ode_path(generator, cond, times, seed: int) -> list[torch.Tensor]:
+    """The deterministic path every branch shares up to its step: x at steps 0 … T−1 from one fixed initial noise."""
+    x = torch.randn(len(cond), *generator.latent_shape, generator=torch.Generator().manual_seed(seed))
+    path = [x]
+    for s in range(len(times) - 2):
         x, _ = generator.step_mean_std(x, float(times[s]), float(times[s + 1]), cond, 0.0)
+        path.append(x)
+    return path
+
+
+@torch.no_grad()
+def branch(generator, reward, layouts, cond, path, times, step: int, noise_level: float, branches: int,
+           seed: int) -> dict:
+    n = len(layouts)
     index = torch.arange(n).repeat_interleave(branches)
-    x, cond = x[index], cond[index]
+    x, cond = path[step][index], cond[index]
     mean, std = generator.step_mean_std(x, float(times[step]), float(times[step + 1]), cond, noise_level)
-    x = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed + 1 + step))
-    for s in range(step + 1, len(times) - 1):
+    x = gaussian_step(mean, std, x, generator=torch.Generator().manual_seed(seed + 1 + step)).prev_sample
+    for s in range(step + 1, len(times) - 1):  # each branch finishes by the ODE
         x, _ = generator.step_mean_std(x, float(times[s]), float(times[s + 1]), cond, 0.0)
     out = reward(generator.space.decode(x), [layouts[i] for i in index.tolist()])
     info = out.info
@@ -85,13 +94,15 @@ def main() -> None:
     held_out = EvalConfig()
     layouts = held_out_layouts(args.layouts, held_out.levels, held_out.seed)
     times = generator.sampler.times(args.num_steps)
+    cond = generator.encode_layouts(layouts)
+    path = ode_path(generator, cond, times, args.seed)
     print(f"{args.model}: {args.layouts} layouts (levels {held_out.levels}), {args.branches} branches each, "
           f"{args.num_steps} steps; 'differs': the verdict is not the same in every branch of a layout")
     print("| a | step | t | noise std | ISR | shape differs | box differs | success differs | reward std in layout |")
     print("|---|---|---|---|---|---|---|---|---|")
     for a in args.noise_levels:
         for k in tqdm(steps, desc=f"a={a:g}", leave=False):
-            r = branch(generator, reward, layouts, times, k, a, args.branches, args.seed)
+            r = branch(generator, reward, layouts, cond, path, times, k, a, args.branches, args.seed)
             print(f"| {a:g} | {k} | {float(times[k]):.3f} | {r['std']:.3f} | {r['isr']:.3f} | {r['shape']:.3f} | "
                   f"{r['box']:.3f} | {r['success']:.3f} | {r['reward_std']:.4f} |", flush=True)
 
