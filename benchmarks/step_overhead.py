@@ -7,7 +7,7 @@ gathered. "env + actor" times a full ``env.rollout`` (TensorDict plumbing, Condi
 sampling and log-prob, env step) divided by its number of steps, with a reward that costs nothing, so the reward
 model's time (reported on its own line) is not counted as env overhead. The two alternate, repeat after repeat,
 and each overhead is the median of the repeats' own ratios: a shared 2-core VM's speed drifts by tens of percent
-within a minute, so two blocks timed apart disagree by more than the overhead (1 % to 33 % on the same code).
+within a minute, so two blocks timed apart disagree by more than the overhead (1 % to 18 % on the same code).
 
 Two overheads are printed. "over the backbone alone" is the full step against the raw loop. "outside the
 backbone" is the rollout's time outside its own backbone forwards (timed by hooks inside the same rollouts), which
