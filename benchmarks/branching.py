@@ -8,7 +8,8 @@ independently; each branch then finishes by the ODE. The branches of a layout di
 so an instance whose verdict differs between them was decided there. Per (a, k) the table gives the per-pixel std
 of that step's noise, ISR over all branches, the fractions of instances whose shape verdict, box verdict
 (IoU ≥ 0.5) and success differ between branches, and the within-layout std of the reward (what GRPO's group
-advantage divides by). The layouts are the default held-out set's kind (`EvalConfig`'s levels and seed).
+advantage divides by); the last columns split "shape differs" by box size (shorter side in grid cells, the bins of
+``benchmarks/box_sizes.py``). The layouts are the default held-out set's kind (`EvalConfig`'s levels and seed).
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from diffrl.policies.generator import load_generator
 from diffrl.policies.sde import gaussian_step
 from diffrl.rewards import build_reward
 
+from box_sizes import SIZE_BINS, size_bin  # this folder's module (a script's folder is on sys.path)
+
 
 def differs(verdict: torch.Tensor, layouts: int, branches: int, mask: torch.Tensor) -> float:
     """Fraction of real instances whose bool verdict [N·G, K] is not the same in all G branches of its layout."""
     v = verdict.view(layouts, branches, -1)
     split = (v.any(1) & ~v.all(1)) & mask
-    return split.sum().item() / mask.sum().item()
+    return split.sum().item() / mask.sum().item() if mask.any() else float("nan")
 
 
 @torch.no_grad()
@@ -57,6 +60,8 @@ def branch(generator, reward, layouts, cond, path, times, step: int, noise_level
     out = reward(generator.space.decode(x), [layouts[i] for i in index.tolist()])
     info = out.info
     mask = info["instance_mask"].view(n, branches, -1)[:, 0]
+    bins = [[size_bin(layout.boxes[j]) if j < layout.n else None for j in range(mask.shape[1])] for layout in layouts]
+    in_bin = {name: torch.tensor([[b == name for b in row] for row in bins]) for name, _, _ in SIZE_BINS}
     return {
         "std": float(std.flatten()[0]),
         "isr": info["success"][info["instance_mask"]].float().mean().item(),
@@ -64,6 +69,7 @@ def branch(generator, reward, layouts, cond, path, times, step: int, noise_level
         "box": differs(info["iou"] >= 0.5, n, branches, mask),
         "success": differs(info["success"], n, branches, mask),
         "reward_std": out.rewards.view(n, branches).std(1).mean().item(),
+        "shape_by_size": [differs(info["shape_ok"], n, branches, mask & in_bin[name]) for name, _, _ in SIZE_BINS],
     }
 
 
@@ -98,13 +104,15 @@ def main() -> None:
     path = ode_path(generator, cond, times, args.seed)
     print(f"{args.model}: {args.layouts} layouts (levels {held_out.levels}), {args.branches} branches each, "
           f"{args.num_steps} steps; 'differs': the verdict is not the same in every branch of a layout")
-    print("| a | step | t | noise std | ISR | shape differs | box differs | success differs | reward std in layout |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    sizes = " | ".join(f"shape differs, size {name}" for name, _, _ in SIZE_BINS)
+    print(f"| a | step | t | noise std | ISR | shape differs | box differs | success differs | reward std in layout | {sizes} |")
+    print("|---" * (9 + len(SIZE_BINS)) + "|")
     for a in args.noise_levels:
         for k in tqdm(steps, desc=f"a={a:g}", leave=False):
             r = branch(generator, reward, layouts, cond, path, times, k, a, args.branches, args.seed)
             print(f"| {a:g} | {k} | {float(times[k]):.3f} | {r['std']:.3f} | {r['isr']:.3f} | {r['shape']:.3f} | "
-                  f"{r['box']:.3f} | {r['success']:.3f} | {r['reward_std']:.4f} |", flush=True)
+                  f"{r['box']:.3f} | {r['success']:.3f} | {r['reward_std']:.4f} | "
+                  + " | ".join(f"{v:.3f}" for v in r["shape_by_size"]) + " |", flush=True)
 
 
 if __name__ == "__main__":
