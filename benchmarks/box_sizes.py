@@ -58,7 +58,8 @@ def main() -> None:
     cfg = loaded[0][0]
     for run, (other, _) in zip(args.runs, loaded):
         if (other.eval, other.model.name, other.env.data) != (cfg.eval, cfg.model.name, cfg.env.data):
-            parser.error(f"{run}: its held-out set, model or data differ from {args.runs[0]}'s; compare runs that share them")
+            parser.error(f"{run}: its held-out set, model or data differ from {args.runs[0]}'s; "
+                         "compare runs that share them")
     if cfg.env.data != "shapes" or cfg.reward.name != "shapes":
         parser.error(f"{args.runs[0]}: box sizes and shapes are read from the Shapes world; this run used "
                      f"--data {cfg.env.data} --reward {cfg.reward.name}")
@@ -70,7 +71,8 @@ def main() -> None:
                                                                          zip(args.runs, loaded)]
     print(f"{len(layouts)} held-out layouts (levels {cfg.eval.levels}, seed {cfg.eval.seed}); box size = shorter side "
           f"in cells of {GRID}")
-    print("| model | ISR | " + " | ".join(f"size {name}" for name, _, _ in SIZE_BINS) + " | " + " | ".join(SHAPES) + " |")
+    print("| model | ISR | " + " | ".join(f"size {name}" for name, _, _ in SIZE_BINS) + " | "
+          + " | ".join(SHAPES) + " |")
     print("|---" * (2 + len(groups)) + "|")
     for name, generator in models:
         summary, images = evaluate(generator, reward, layouts, desc=name, **kwargs)

@@ -105,7 +105,8 @@ def main() -> None:
     print(f"{args.model}: {args.layouts} layouts (levels {held_out.levels}), {args.branches} branches each, "
           f"{args.num_steps} steps; 'differs': the verdict is not the same in every branch of a layout")
     sizes = " | ".join(f"shape differs, size {name}" for name, _, _ in SIZE_BINS)
-    print(f"| a | step | t | noise std | ISR | shape differs | box differs | success differs | reward std in layout | {sizes} |")
+    print("| a | step | t | noise std | ISR | shape differs | box differs | success differs | reward std in layout | "
+          f"{sizes} |")
     print("|---" * (9 + len(SIZE_BINS)) + "|")
     for a in args.noise_levels:
         for k in tqdm(steps, desc=f"a={a:g}", leave=False):
