@@ -18,7 +18,8 @@ import torch
 
 from diffrl.algos.export import load_run
 from diffrl.errors import UserError
-from diffrl.eval.evaluate import evaluate, held_out_layouts
+from diffrl.eval.evaluate import generate, held_out_layouts
+from diffrl.eval.metrics import summarize
 from diffrl.layout import Layout
 from diffrl.policies.generator import build_generator
 from diffrl.rewards import build_reward
@@ -75,8 +76,8 @@ def main() -> None:
           + " | ".join(SHAPES) + " |")
     print("|---" * (2 + len(groups)) + "|")
     for name, generator in models:
-        summary, images = evaluate(generator, reward, layouts, desc=name, **kwargs)
-        success = reward(images, layouts).info["success"].cpu()
+        scored = reward(generate(generator, layouts, desc=name, **kwargs), layouts)  # the images `evaluate` scores
+        summary, success = summarize([scored], layouts), scored.info["success"].cpu()
         cells = []
         for members in groups.values():
             hits = sum(bool(success[i, j]) for i, j in members)
