@@ -6,8 +6,8 @@ activations come and go, so on CPU nearly every large tensor then costs page fau
 new pages. On the 2-core CI VM that made a rollout step 11–24 % slower than the same backbone forward in a tight
 loop (`benchmarks/step_overhead.py` with ``DIFFRL_MALLOC=default``; 1–5 % with these settings). `tune_malloc`
 raises the mmap threshold to glibc's maximum (32 MiB on 64-bit) and keeps up to 512 MiB of free heap, through
-``mallopt(3)``; the ``MALLOC_*`` environment variables do the same but must be set before the process starts. A no-op where libc is not glibc (macOS, musl) or when
-``DIFFRL_MALLOC=default`` is set.
+``mallopt(3)``; the ``MALLOC_*`` environment variables do the same but must be set before the process starts.
+A no-op where libc is not glibc (macOS, musl) or when ``DIFFRL_MALLOC=default`` is set.
 """
 
 from __future__ import annotations
