@@ -50,6 +50,7 @@ class EnvConfig:
     levels: list = option([2, 3, 4, 5, 6], "Shapes levels (instance counts) to train on")
     layouts_per_iter: int = option(64, "distinct layouts per iteration")
     group_size: int = option(4, "samples per layout (GRPO groups)")
+    share_noise: bool = option(False, "the samples of a layout start from one initial noise x_1 (DanceGRPO's init_same_noise), so they differ only by the window's exploration")
     num_steps: int = option(10, "denoising steps per image")
     shift: float = option(0.0, "flow-time shift of the sampling schedule (0: the model's own: its scheduler's, 3.0 for SD3 folders; 1.0 for shapes-tiny)")
 

@@ -14,10 +14,10 @@ from diffrl.policies.text import ConditionStore
 from diffrl.rewards import ShapesReward
 
 
-def make(generator, layouts=2, group=3, steps=5, window=2, seed=0):
+def make(generator, layouts=2, group=3, steps=5, window=2, seed=0, share_noise=False):
     store = ConditionStore()
     env = LayoutEnv(generator, ShapesReward(), ShapesLayouts([2, 3], seed=seed), store,
-                    layouts_per_reset=layouts, group_size=group, num_steps=steps, seed=seed)
+                    layouts_per_reset=layouts, group_size=group, num_steps=steps, seed=seed, share_noise=share_noise)
     policy = SDEPolicyNet(generator, store, noise_level=0.7, window_steps=window)
     return env, policy, make_actor(policy, env.action_spec), store
 
@@ -25,6 +25,21 @@ def make(generator, layouts=2, group=3, steps=5, window=2, seed=0):
 def test_env_passes_check_env_specs(tiny_generator):
     env, *_ = make(tiny_generator)
     check_env_specs(env)
+
+
+def test_shared_noise_starts_a_group_from_one_latent_and_exploration_then_splits_it(tiny_generator):
+    env, policy, actor, _ = make(tiny_generator, share_noise=True)
+    check_env_specs(env)
+    with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+        rollout = env.rollout(5, actor, auto_reset=True)
+    start = rollout["latent"][:, 0]  # [6, C, H, W] x_1 of layouts 0, 0, 0, 1, 1, 1
+    assert torch.equal(start[0], start[1]) and torch.equal(start[0], start[2]) and torch.equal(start[3], start[5])
+    assert not torch.equal(start[0], start[3])
+    after = rollout["action"][:, 0]  # the window's first draw differs within a group
+    assert not torch.equal(after[0], after[1])
+    unshared, *_ = make(tiny_generator)
+    latent = unshared.reset()["latent"]  # by default every sample of a group draws its own x_1
+    assert not torch.equal(latent[0], latent[1])
 
 
 def test_rollout_shapes_terminal_reward_and_no_text_in_tensordict(tiny_generator):

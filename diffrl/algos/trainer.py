@@ -129,7 +129,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         env = env_cls(
             generator, guarded, source, store,
             layouts_per_reset=cfg.env.layouts_per_iter, group_size=cfg.env.group_size,
-            num_steps=cfg.env.num_steps, shift=cfg.env.shift, seed=cfg.seed, device=device,
+            num_steps=cfg.env.num_steps, shift=cfg.env.shift, seed=cfg.seed, share_noise=cfg.env.share_noise,
+            device=device,
         )
         window = window_steps(cfg)
         policy = SDEPolicyNet(generator, store, cfg.policy.noise_level, window)

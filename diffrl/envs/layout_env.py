@@ -2,7 +2,8 @@
 
 One episode = one image: ``reset`` draws a batch of layouts (``layouts_per_reset`` of them, each
 repeated ``group_size`` times so GRPO can compare samples of the same layout), encodes their text
-once into the `ConditionStore` and draws x_1 ~ N(0, I); each ``step`` takes the next latent as the
+once into the `ConditionStore` and draws x_1 ~ N(0, I) (with ``share_noise``, one draw per layout that its whole
+group starts from); each ``step`` takes the next latent as the
 action; the last step decodes the images and scores them with the reward. Reward is 0 before the
 last step (γ = 1, one terminal reward).
 
@@ -47,6 +48,7 @@ class LayoutEnv(EnvBase):
         num_steps: int = 10,
         shift: float = 0.0,
         seed: int = 0,
+        share_noise: bool = False,
         device: str | torch.device = "cpu",
     ):
         super().__init__(device=device, batch_size=torch.Size([layouts_per_reset * group_size]))
@@ -56,6 +58,7 @@ class LayoutEnv(EnvBase):
         self.store = store
         self.layouts_per_reset = layouts_per_reset
         self.group_size = group_size
+        self.share_noise = share_noise
         self.num_steps = num_steps
         self.sigmas = generator.sampler.times(num_steps, shift).to(self.device)  # [T+1] decreasing, last 0
         self.noise_generator = torch.Generator(device=self.device)
@@ -98,8 +101,13 @@ class LayoutEnv(EnvBase):
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
         layouts = self.source.sample(self.layouts_per_reset)
         self.store.set(layouts, self.generator.encode_layouts(layouts).to(self.device))
-        shape = self.batch_size + torch.Size(self.generator.latent_shape)
-        latent = torch.randn(shape, generator=self.noise_generator, device=self.device)
+        if self.share_noise:  # one x_1 per layout, repeated over its group (DanceGRPO's init_same_noise)
+            shape = torch.Size([self.layouts_per_reset, *self.generator.latent_shape])
+            latent = torch.randn(shape, generator=self.noise_generator, device=self.device)
+            latent = latent.repeat_interleave(self.group_size, dim=0)
+        else:
+            shape = self.batch_size + torch.Size(self.generator.latent_shape)
+            latent = torch.randn(shape, generator=self.noise_generator, device=self.device)
         done = torch.zeros(*self.batch_size, 1, dtype=torch.bool, device=self.device)
         return TensorDict(
             {**self._observation(latent, 0), "done": done, "terminated": done.clone(), "truncated": done.clone()},
