@@ -78,7 +78,8 @@ class AlgoConfig:
     dis_coef: float = option(0.0, "weight λ_dis of I-DRUID's IDC loss L_dis on each training forward (0: off; needs a generator with IDM: model.idm=true, or one from `diffrl pretrain --idm`)")
     critic_lr: float = option(1e-3, "PPO: learning rate of the critic φ")
     critic_coef: float = option(1.0, "PPO: weight of the critic loss (φ(s_t) − r)²")
-    normalize_advantage: bool = option(True, "standardise advantages over each iteration's batch")
+    normalize_advantage: bool = option(True, "PPO: standardise advantages over each iteration's batch")
+    group_scale: str = option("group", "GRPO: divide r − group mean by the group's std (group) or by the batch's (batch: Dr. GRPO)")
 
 
 @dataclass
@@ -271,6 +272,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"config algo.dis_coef: must be ≥ 0, got {cfg.algo.dis_coef}")
     if uses_paired_data(cfg) and cfg.env.data != "shapes":
         raise UserError("config algo.ldm_coef / --algo sft need paired images; only --data shapes renders them so far")
+    if cfg.algo.group_scale not in ("group", "batch"):
+        raise UserError(f"config algo.group_scale: 'group' or 'batch', got {cfg.algo.group_scale!r}")
     if cfg.algo.log_prob_reduce not in ("sum", "mean"):
         raise UserError(f"config algo.log_prob_reduce: 'sum' or 'mean', got {cfg.algo.log_prob_reduce!r}")
     r = cfg.ray

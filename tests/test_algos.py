@@ -24,6 +24,23 @@ def test_group_advantages_on_a_known_group():
     torch.testing.assert_close(got, torch.tensor([-1.0, -1 / s, 1.0, -1 / s, 2 / s]))
 
 
+def test_batch_scaled_group_advantages_on_a_known_batch():
+    # centred on each group's mean as above: −1, −1, +1, −1, +2; their batch std is sqrt((1+1+1+1+4)/5) = sqrt(1.6)
+    rewards = torch.tensor([1.0, 2.0, 3.0, 2.0, 5.0])
+    groups = torch.tensor([0, 1, 0, 1, 1])
+    got = group_advantages(rewards, groups, eps=0.0, scale="batch")
+    torch.testing.assert_close(got, torch.tensor([-1.0, -1.0, 1.0, -1.0, 2.0]) / 1.6**0.5)
+
+
+def test_batch_scale_keeps_a_near_tie_small_where_group_scale_blows_it_up():
+    rewards = torch.tensor([0.70, 0.71, 0.2, 1.2])  # group 0 nearly tied, group 1 far apart
+    groups = torch.tensor([0, 0, 1, 1])
+    by_group = group_advantages(rewards, groups, scale="group")
+    by_batch = group_advantages(rewards, groups, scale="batch")
+    torch.testing.assert_close(by_group[:2].abs(), torch.ones(2), atol=0.02, rtol=0)  # ±1 for a 0.01 difference
+    assert by_batch[:2].abs().max() < 0.03 and by_batch[3] > 1.0
+
+
 def test_a_group_of_equal_rewards_has_zero_advantage():
     got = group_advantages(torch.tensor([0.7, 0.7, 0.7, 0.1, 0.3]), torch.tensor([4, 4, 4, 9, 9]))
     assert torch.equal(got[:3], torch.zeros(3))

@@ -1,6 +1,7 @@
 """GRPO: G samples per layout, group-normalised advantages, no critic.
 
     A_i  = (r_i − mean(r_group)) / (std(r_group) + ε)      shared by every window step of sample i
+           (algo.group_scale=batch: divided by the batch's std of r_i − mean(r_group) instead, as Dr. GRPO)
     L_rl = max[−ρ_t·A_i, −clip(ρ_t, 1−ζ, 1+ζ)·A_i] + β·KL(π_θ ‖ π_ref)
 
 The group of a sample is its ``layout_index`` (the env repeats each layout ``group_size`` times).
@@ -26,4 +27,4 @@ class GRPO(Learner):
         super().__init__(policy, reference, actor, cfg, critic=None)
 
     def advantages(self, batch: TensorDict, rewards: Tensor) -> Tensor:
-        return group_advantages(rewards, batch["layout_index"])
+        return group_advantages(rewards, batch["layout_index"], scale=self.cfg.group_scale)
