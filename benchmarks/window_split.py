@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from diffrl.algos.export import load_run
-from diffrl.config import window_steps
+from diffrl.config import window_first_step, window_steps
 from diffrl.errors import UserError
 from diffrl.eval.evaluate import evaluate, held_out_layouts
 from diffrl.eval.split import split_generator, window_boundary
@@ -37,6 +37,9 @@ def main() -> None:
     except UserError as err:
         parser.error(str(err))  # one line on stderr, exit code 2
     window = window_steps(cfg)
+    if window_first_step(cfg):
+        parser.error(f"{args.run}: its RL window opens at step {window_first_step(cfg)} (policy.window_start); this "
+                     "script splits where a window that opens at the first step ends")
     try:
         boundary = window_boundary(trained.sampler, cfg.env.num_steps, window, cfg.env.shift)
     except ValueError as err:

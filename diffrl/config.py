@@ -59,6 +59,7 @@ class EnvConfig:
 class PolicyConfig:
     noise_level: float = option(0.7, "SDE noise level a in σ_t = a·sqrt(t/(1−t))")
     window: float = option(0.2, "fraction of denoising steps, from the start, that RL explores and trains (I-DRUID: 0.2)")
+    window_start: float = option(0.0, "fraction of denoising steps before the RL window opens (0: at the first step, as I-DRUID; 0.4 of 10 steps: the window starts at step 4)")
     train: str = option("all", "what RL updates: all (backbone + layout adapter) or adapter (the backbone stays frozen)")
 
 
@@ -240,6 +241,12 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("config iterations: must be ≥ 0")
     if not 0 < cfg.policy.window <= 1:
         raise UserError(f"config policy.window: must be in (0, 1], got {cfg.policy.window}")
+    if not 0 <= cfg.policy.window_start < 1:
+        raise UserError(f"config policy.window_start: must be in [0, 1), got {cfg.policy.window_start}")
+    if window_first_step(cfg) + window_steps(cfg) > cfg.env.num_steps:
+        raise UserError(f"config policy.window_start={cfg.policy.window_start} + policy.window={cfg.policy.window}: the "
+                        f"window (steps {window_first_step(cfg)}..{window_first_step(cfg) + window_steps(cfg) - 1}) runs "
+                        f"past the last of {cfg.env.num_steps} steps; make their sum ≤ 1")
     if cfg.env.shift < 0:
         raise UserError(f"config env.shift: must be ≥ 0 (0: the model's own), got {cfg.env.shift}")
     if cfg.policy.noise_level <= 0:
@@ -298,8 +305,13 @@ def uses_paired_data(cfg: TrainConfig) -> bool:
 
 
 def window_steps(cfg: TrainConfig) -> int:
-    """How many of the first denoising steps RL explores and trains (at least one)."""
+    """How many denoising steps RL explores and trains (at least one), from `window_first_step` on."""
     return window_step_count(cfg.policy.window, cfg.env.num_steps)
+
+
+def window_first_step(cfg: TrainConfig) -> int:
+    """The first denoising step of the RL window (0 unless ``policy.window_start`` delays it)."""
+    return round(cfg.policy.window_start * cfg.env.num_steps)
 
 
 def window_step_count(window: float, num_steps: int) -> int:

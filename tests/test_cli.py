@@ -43,6 +43,7 @@ def test_bad_layout_file_names_the_line_and_exits_2(tmp_path, capsys):
         (["train", "--config", "missing.yaml"], "no such file"),
         (["eval", "--levels", "9"], "levels must be among"),
         (["train", "--algo", "grpo", "algo.group_scale=layout"], "config algo.group_scale: 'group' or 'batch'"),
+        (["train", "policy.window_start=0.9"], "runs past the last of 10 steps"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_code_2(args, message, capsys):

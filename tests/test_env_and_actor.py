@@ -14,11 +14,11 @@ from diffrl.policies.text import ConditionStore
 from diffrl.rewards import ShapesReward
 
 
-def make(generator, layouts=2, group=3, steps=5, window=2, seed=0, share_noise=False):
+def make(generator, layouts=2, group=3, steps=5, window=2, seed=0, share_noise=False, window_start=0):
     store = ConditionStore()
     env = LayoutEnv(generator, ShapesReward(), ShapesLayouts([2, 3], seed=seed), store,
                     layouts_per_reset=layouts, group_size=group, num_steps=steps, seed=seed, share_noise=share_noise)
-    policy = SDEPolicyNet(generator, store, noise_level=0.7, window_steps=window)
+    policy = SDEPolicyNet(generator, store, noise_level=0.7, window_steps=window, window_start=window_start)
     return env, policy, make_actor(policy, env.action_spec), store
 
 
@@ -81,6 +81,20 @@ def test_deterministic_exploration_is_the_ode_sampler(tiny_generator):
     with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
         b = env.rollout(5, actor, auto_reset=True)
     assert torch.equal(a["next", "latent"], b["next", "latent"])
+
+
+def test_a_later_window_explores_and_trains_only_its_own_steps(tiny_generator):
+    env, policy, actor, store = make(tiny_generator, window=2, window_start=2)
+    reference = SDEPolicyNet(frozen_copy(tiny_generator), store, 0.7, 2, 2)
+    learner = GRPO(policy, reference, actor, AlgoConfig(lr=0.0, minibatch_size=1000, kl_coef=0.1))
+    with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+        rollout = env.rollout(5, actor, auto_reset=True)
+    log_prob = rollout[LOG_PROB_KEY]  # [6, 5]: stochastic at steps 2 and 3 only
+    assert torch.all(log_prob[:, [0, 1, 4]] == 0) and torch.all(log_prob[:, 2:4] != 0)
+    batch = learner.window_batch(rollout)
+    assert batch.shape == (6, 2) and torch.equal(batch["step"], torch.tensor([[2, 3]] * 6))
+    logs = learner.update(rollout)  # the window's own transitions, re-scored unchanged: ratio 1, no KL
+    assert logs["max_ratio"] == 1.0 and logs["kl_ref"] == 0.0
 
 
 def test_unchanged_policy_rescored_by_the_learner_has_ratio_exactly_one_and_zero_kl(tiny_generator):

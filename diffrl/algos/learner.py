@@ -120,7 +120,7 @@ class Learner:
         window = self.policy.window_steps
         rewards = rollout["next", "reward"][:, -1, 0]  # [B] the terminal reward
         keys = [*OBSERVATION_KEYS, "action", LOG_PROB_KEY]
-        batch = rollout[:, :window].select(*keys).clone()  # [B, W]
+        batch = rollout[:, self.policy.window_start : self.policy.window_end].select(*keys).clone()  # [B, W]
         batch.set("reward", rewards[:, None].expand(-1, window).clone())
         return batch
 
@@ -167,7 +167,7 @@ class Learner:
                     if (ldm := self.ldm_loss(paired)) is not None:
                         ldm.backward()
                         logs["loss_ldm"].append(float(ldm.detach()))
-                    if self.cfg.anchor_steps and rollout.shape[1] > window:  # its gradient joins this step's
+                    if self.cfg.anchor_steps and rollout.shape[1] > self.policy.window_end:  # joins this step's gradient
                         anchor = self.cfg.kl_coef * self.anchor_loss(rollout)
                         anchor.backward()
                         logs["loss_anchor"].append(float(anchor.detach()))
@@ -181,8 +181,8 @@ class Learner:
     def anchor_loss(self, rollout: TensorDictBase) -> torch.Tensor:
         """KL to the reference at ``anchor_steps`` random steps *after* the window, scored as if they carried
         the SDE's noise (they are deterministic, but the weights they run on are shared with the window)."""
-        window = self.policy.window_steps
-        steps = window + torch.randperm(rollout.shape[1] - window)[: self.cfg.anchor_steps]
+        end = self.policy.window_end
+        steps = end + torch.randperm(rollout.shape[1] - end)[: self.cfg.anchor_steps]
         total = 0.0
         for step in steps.tolist():
             latent, sigma, sigma_next, _, layout_index = (rollout[:, step][k] for k in OBSERVATION_KEYS)

@@ -42,7 +42,8 @@ from diffrl.algos.checkpoint import (capture_rng, latest_checkpoint, load_checkp
                                     save_checkpoint)
 from diffrl.algos.learner import require_idm
 from diffrl.algos.sft import Paired
-from diffrl.config import TrainConfig, chunk_layouts, save_yaml, uses_paired_data, uses_ray, window_steps
+from diffrl.config import (TrainConfig, chunk_layouts, save_yaml, uses_paired_data, uses_ray, window_first_step,
+                           window_steps)
 from diffrl.distributed.ray_workers import ScaleOut
 from diffrl.envs.datasets import make_source
 from diffrl.errors import UserError
@@ -132,9 +133,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             num_steps=cfg.env.num_steps, shift=cfg.env.shift, seed=cfg.seed, share_noise=cfg.env.share_noise,
             device=device,
         )
-        window = window_steps(cfg)
-        policy = SDEPolicyNet(generator, store, cfg.policy.noise_level, window)
-        reference = SDEPolicyNet(frozen_copy(generator), store, cfg.policy.noise_level, window)
+        window, first = window_steps(cfg), window_first_step(cfg)
+        policy = SDEPolicyNet(generator, store, cfg.policy.noise_level, window, first)
+        reference = SDEPolicyNet(frozen_copy(generator), store, cfg.policy.noise_level, window, first)
         actor = make_actor(policy, env.action_spec, cfg.algo.log_prob_reduce)
         learner = algo_cls(policy, reference, actor, cfg.algo)
 

@@ -50,7 +50,7 @@ import torch
 from tensordict import TensorDictBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from diffrl.config import TrainConfig, chunk_layouts, window_steps
+from diffrl.config import TrainConfig, chunk_layouts, window_first_step, window_steps
 from diffrl.envs.layout_env import LayoutEnv
 from diffrl.errors import UserError
 from diffrl.layout import Layout
@@ -158,7 +158,8 @@ class RolloutWorker:
             self.generator = generator
             self.reward = GuardedReward(reward_factory()) if reward_factory is not None else None
             self.store = ConditionStore()
-            self.policy = SDEPolicyNet(generator, self.store, cfg.policy.noise_level, window_steps(cfg))
+            self.policy = SDEPolicyNet(generator, self.store, cfg.policy.noise_level, window_steps(cfg),
+                                       window_first_step(cfg))
             self.envs: dict[int, tuple[LayoutEnv, Any]] = {}
             self.version = 0
         except Exception as err:  # noqa: BLE001  (raised again by ready(), so the driver sees the cause)

@@ -2,9 +2,9 @@
 
 `SDEPolicyNet` maps an observation (latent x_t, times, step, layout index) to the mean and
 std of the generator's stochastic step (`LayoutGenerator.step_mean_std`: its sampler, with CFG when on); `make_actor` wraps it as a ``ProbabilisticActor``
-over `LatentGaussian`. Steps inside the RL window (the first ``window_steps`` steps; I-DRUID trains
-on the first 20%) use noise level ``a``; later steps are the deterministic ODE step (std 0, log-prob 0),
-so they cost a forward in rollout and nothing in training.
+over `LatentGaussian`. Steps inside the RL window (``window_steps`` steps from ``window_start``, by default
+the first ones; I-DRUID trains on the first 20%) use noise level ``a``; the other steps are the deterministic
+ODE step (std 0, log-prob 0), so they cost a forward in rollout and nothing in training.
 
 Remember: a ``ProbabilisticActor`` samples only under ``set_exploration_type(ExplorationType.RANDOM)``;
 otherwise it returns the mean, which is exactly the ODE sampler when ``a = 0`` everywhere.
@@ -29,16 +29,24 @@ LOG_PROB_KEY = "action_log_prob"
 class SDEPolicyNet(nn.Module):
     """(x_t, t, t_next, step, layout index) → (mean [B,C,H,W], std [B,1,1,1]) of the next latent."""
 
-    def __init__(self, generator: LayoutGenerator, store: ConditionStore, noise_level: float, window_steps: int):
+    def __init__(self, generator: LayoutGenerator, store: ConditionStore, noise_level: float, window_steps: int,
+                 window_start: int = 0):
         super().__init__()
         self.generator = generator
         self.store = store
         self.noise_level = noise_level
         self.window_steps = window_steps
+        self.window_start = window_start
+
+    @property
+    def window_end(self) -> int:
+        """The first step after the RL window."""
+        return self.window_start + self.window_steps
 
     def step_noise(self, step: Tensor) -> Tensor:
-        """Noise level a for each sample's step: a inside the RL window, 0 after it."""
-        return torch.where(step < self.window_steps, self.noise_level, 0.0).float()
+        """Noise level a for each sample's step: a inside the RL window, 0 outside it."""
+        inside = (step >= self.window_start) & (step < self.window_end)
+        return torch.where(inside, self.noise_level, 0.0).float()
 
     def forward(self, latent: Tensor, sigma: Tensor, sigma_next: Tensor, step: Tensor, layout_index: Tensor):
         return self.mean_std(latent, sigma, sigma_next, layout_index, self.step_noise(step))
