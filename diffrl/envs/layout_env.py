@@ -101,13 +101,10 @@ class LayoutEnv(EnvBase):
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
         layouts = self.source.sample(self.layouts_per_reset)
         self.store.set(layouts, self.generator.encode_layouts(layouts).to(self.device))
+        draws = self.layouts_per_reset if self.share_noise else self.batch_size[0]
+        latent = torch.randn((draws, *self.generator.latent_shape), generator=self.noise_generator, device=self.device)
         if self.share_noise:  # one x_1 per layout, repeated over its group (DanceGRPO's init_same_noise)
-            shape = torch.Size([self.layouts_per_reset, *self.generator.latent_shape])
-            latent = torch.randn(shape, generator=self.noise_generator, device=self.device)
             latent = latent.repeat_interleave(self.group_size, dim=0)
-        else:
-            shape = self.batch_size + torch.Size(self.generator.latent_shape)
-            latent = torch.randn(shape, generator=self.noise_generator, device=self.device)
         done = torch.zeros(*self.batch_size, 1, dtype=torch.bool, device=self.device)
         return TensorDict(
             {**self._observation(latent, 0), "done": done, "terminated": done.clone(), "truncated": done.clone()},
