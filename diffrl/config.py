@@ -243,10 +243,11 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"config policy.window: must be in (0, 1], got {cfg.policy.window}")
     if not 0 <= cfg.policy.window_start < 1:
         raise UserError(f"config policy.window_start: must be in [0, 1), got {cfg.policy.window_start}")
-    if window_first_step(cfg) + window_steps(cfg) > cfg.env.num_steps:
+    first, end = window_first_step(cfg), window_first_step(cfg) + window_steps(cfg)
+    if end > cfg.env.num_steps:
         raise UserError(f"config policy.window_start={cfg.policy.window_start} + policy.window={cfg.policy.window}: the "
-                        f"window (steps {window_first_step(cfg)}..{window_first_step(cfg) + window_steps(cfg) - 1}) runs "
-                        f"past the last of {cfg.env.num_steps} steps; make their sum ≤ 1")
+                        f"window (steps {first}..{end - 1}) runs past the last of {cfg.env.num_steps} steps; make their "
+                        "sum ≤ 1")
     if cfg.env.shift < 0:
         raise UserError(f"config env.shift: must be ≥ 0 (0: the model's own), got {cfg.env.shift}")
     if cfg.policy.noise_level <= 0:
