@@ -38,7 +38,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffrl.config import field_help
+    from diffrl.config import TrainConfig, field_help
     from diffrl.eval.readers import FORMATS
     from diffrl.registry import ALGOS, DATASETS, ENVS, MODELS, REWARDS
 
@@ -75,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="ISR / mIoU per level (and Shapes attribute leakage) of a generator or a run")
     source = ev.add_mutually_exclusive_group()
-    source.add_argument("--model", help=f"generator: {_names(MODELS)} or a local folder (default shapes-tiny)")
+    source.add_argument("--model", help=f"generator: {_names(MODELS)} or a local folder (default: `diffrl train`'s, "
+                        f"{TrainConfig().model.name})")
     source.add_argument("--checkpoint", metavar="RUN", help="a run folder: its model with its last checkpoint")
-    ev.add_argument("--data", default="shapes", help="shapes (a held-out set), or a file of layouts: diffrl .jsonl, "
+    ev.add_argument("--data", help="a Shapes world (shapes, shapes-loose: its held-out set; default: `diffrl train`'s, "
+                    "or the run's with --checkpoint), or a file of layouts: diffrl .jsonl, "
                     "COCO-MIG (.yaml, .txt, .json) or LayoutSAM-eval rows (.parquet, .jsonl, .json)")
     ev.add_argument("--format", choices=FORMATS, default="auto", help="how to read --data (auto: by its extension and keys)")
     ev.add_argument("--levels", type=int, nargs="+", default=[2, 3, 4, 5, 6], help="Shapes levels (instance counts)")
@@ -106,12 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--batch-size", type=int, default=64, help="pairs per step")
     pre.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3], help="instance counts to train on")
     pre.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    pre.add_argument("--warmup", type=int, default=200, help="linear warm-up steps before the cosine decay")
     pre.add_argument("--seed", type=int, default=0, help="random seed")
     pre.add_argument("--eval-every", type=int, default=1000, help="steps between quick evaluations (0: none)")
     pre.add_argument("--init", default="", help="continue from this generator (a registered name such as shapes-tiny, "
                      "or a folder) instead of a fresh model")
     pre.add_argument("--idm", action="store_true", help="give the layout adapter I-DRUID's Instance-Disentangled Module "
                      "and train on L_ldm + λ_dis·L_dis (with --init, a folder without IDM gets a fresh one)")
+    pre.add_argument("--world", default="classic", choices=["classic", "loose"], help="box rules of the layouts "
+                     "(classic: shapes-tiny's 7–19 px, apart; loose: 9–19 px, may touch)")
+    pre.add_argument("--loose", type=float, default=0.0, metavar="M", help="condition on boxes grown by up to M × "
+                     "their size per side, while the render fills the exact box (0: exact boxes)")
     pre.add_argument("--dis-coef", type=float, metavar="λ_dis", help="weight of the IDC loss L_dis (needs --idm; "
                      "default 0.1 with it)")
 
@@ -174,7 +181,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from diffrl.envs.datasets import make_source
+    from diffrl.config import TrainConfig, load_yaml
+    from diffrl.envs.datasets import make_source, shapes_world
     from diffrl.eval.evaluate import evaluate, generate, held_out_layouts
     from diffrl.eval.readers import read_layouts
     from diffrl.policies.generator import load_generator
@@ -182,13 +190,17 @@ def cmd_eval(args) -> int:
 
     if args.leakage is not None and args.leakage < 0:
         raise UserError(f"--leakage: must be ≥ 0, got {args.leakage}")
-    if args.data == "shapes":
-        make_source("shapes", args.levels, seed=args.seed)  # checks the levels
-        layouts = held_out_layouts(args.layouts, args.levels, args.seed)
+    if args.data is None:  # the data `diffrl train` (or the run) trains on
+        run_cfg = Path(args.checkpoint or "") / "config.yaml"
+        args.data = (load_yaml(run_cfg).get("env", {}).get("data") if args.checkpoint and run_cfg.is_file() else None) \
+            or TrainConfig().env.data
+    if (world := shapes_world(args.data)) is not None:
+        make_source(args.data, args.levels, seed=args.seed)  # checks the levels
+        layouts = held_out_layouts(args.layouts, args.levels, args.seed, world=world)
         leakage_layouts = min(64, args.layouts) if args.leakage is None else args.leakage
     else:
         if args.leakage:
-            raise UserError("--leakage measures the Shapes world's colours: it needs --data shapes")
+            raise UserError("--leakage measures the Shapes world's colours: it needs a Shapes world (--data shapes-loose)")
         leakage_layouts = 0
         if not Path(args.data).is_file():
             raise UserError(f"--data {args.data}: no such file")
@@ -218,7 +230,7 @@ def cmd_eval(args) -> int:
         _, generator = load_run(run)  # its model, LoRA and settings, with the last checkpoint's weights
         out = out or run / "eval.json"
     else:
-        generator = load_generator(args.model or "shapes-tiny")
+        generator = load_generator(args.model or TrainConfig().model.name)
     if args.judge == "cocomig":
         from diffrl.eval.cocomig import cocomig_metrics
         from diffrl.eval.report import write_report
@@ -245,7 +257,7 @@ def cmd_eval(args) -> int:
         print(f"wrote {out}")
         if args.judge == "cocomig":
             settings = {"judge": "cocomig (LeyRio/MIG_Bench eval_mig.py protocol)", "data": args.data,
-                        "generator": args.checkpoint or args.model or "shapes-tiny", "steps": args.steps,
+                        "generator": args.checkpoint or args.model or TrainConfig().model.name, "steps": args.steps,
                         "seed": args.seed, "grounder": args.reward_model or "IDEA-Research/grounding-dino-tiny",
                         "object mask": f"SAM {args.sam_model}" if args.sam_model else "detected box (no --sam-model)"}
             print(f"wrote {write_report(out.with_suffix('.html'), images, layouts, verdicts, metrics, settings)}")
@@ -270,6 +282,7 @@ def cmd_pretrain(args) -> int:
         raise UserError(f"--dis-coef: must be ≥ 0, got {args.dis_coef}")
     cfg = PretrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, levels=tuple(args.levels),
                          lr=args.lr, seed=args.seed, eval_every=args.eval_every, init=args.init, idm=args.idm,
+                         world=args.world, loose=args.loose, warmup=args.warmup,
                          **({"dis_coef": args.dis_coef} if args.dis_coef is not None else {}))
     print(f"saved generator to {pretrain(cfg)}")
     return 0

@@ -84,6 +84,19 @@ class AlgoConfig:
 
 
 @dataclass
+class ForwardConfig:
+    sampler: str = option("ode", "AWM/NFT: how rollouts are drawn: ode (deterministic from x_1, as DiffusionNFT) or sde (policy.noise_level at every step)")
+    timesteps: int = option(2, "AWM/NFT: flow times per sample at which the loss is taken (the papers: every step of the schedule, i.e. env.num_steps)")
+    time_sampling: str = option("schedule", "AWM/NFT: where those times are drawn: schedule (the sampling schedule's times) or uniform (U(0, 1))")
+    crn: bool = option(True, "AWM/NFT: the samples of a group share their (t, ε) draws (common random numbers), so what they have in common cancels under zero-mean advantages")
+    kl_coef: float = option(0.0001, "AWM/NFT: weight of ‖v_θ − v_ref‖² to the initial model (DiffusionNFT: 1e-4)")
+    nft_beta: float = option(1.0, "NFT: β of v± = v_old ± β·(v_θ − v_old) (DiffusionNFT: 1.0)")
+    adv_clip: float = option(5.0, "NFT: advantages are clipped to ±this before r = A/(2·clip) + 1/2 (DiffusionNFT: 5)")
+    old_uprate: float = option(0.001, "NFT: v_old ← η·v_old + (1−η)·v_θ after each iteration, η = min(old_uprate·iteration, old_uphold)")
+    old_uphold: float = option(0.5, "NFT: the largest η of that soft update")
+
+
+@dataclass
 class RewardConfig:
     name: str = option("shapes", "--reward: a reward name, or weighted parts such as gdino=1,cycle=0.5")
     model: str = option("", "--reward-model: gdino/cycle detector: folder, hub id or 'shapes' ('': grounding-dino-tiny)")
@@ -119,6 +132,7 @@ class TrainConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -270,8 +284,10 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"config model.text_cache: must be ≥ 0, got {cfg.model.text_cache}")
     if cfg.env.num_steps < 1 or cfg.env.layouts_per_iter < 1 or cfg.env.group_size < 1:
         raise UserError("config env.num_steps, env.layouts_per_iter and env.group_size must be ≥ 1")
-    if cfg.algo.name == "grpo" and cfg.env.group_size < 2:
-        raise UserError("config env.group_size: GRPO compares samples of one layout, so it needs ≥ 2")
+    if is_forward_learner(cfg) and (cfg.algo.ldm_coef or cfg.algo.dis_coef):
+        raise UserError(f"config algo.ldm_coef / algo.dis_coef: --algo {cfg.algo.name} has no joint loss; use ppo or grpo")
+    if cfg.algo.name in ("grpo", *FORWARD_LEARNERS) and cfg.env.group_size < 2:
+        raise UserError(f"config env.group_size: --algo {cfg.algo.name} compares samples of one layout, so it needs ≥ 2")
     if cfg.policy.train not in ("all", "adapter"):
         raise UserError(f"config policy.train: 'all' or 'adapter', got {cfg.policy.train!r}")
     if cfg.algo.ldm_coef < 0:
@@ -282,6 +298,16 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("config algo.ldm_coef / --algo sft need paired images; only --data shapes renders them so far")
     if cfg.algo.group_scale not in ("group", "batch"):
         raise UserError(f"config algo.group_scale: 'group' or 'batch', got {cfg.algo.group_scale!r}")
+    f = cfg.forward
+    if f.sampler not in ("ode", "sde"):
+        raise UserError(f"config forward.sampler: 'ode' or 'sde', got {f.sampler!r}")
+    if f.time_sampling not in ("schedule", "uniform"):
+        raise UserError(f"config forward.time_sampling: 'schedule' or 'uniform', got {f.time_sampling!r}")
+    if f.timesteps < 1 or (f.time_sampling == "schedule" and f.timesteps > cfg.env.num_steps):
+        raise UserError(f"config forward.timesteps: between 1 and env.num_steps={cfg.env.num_steps} with "
+                        f"forward.time_sampling=schedule, got {f.timesteps}")
+    if f.nft_beta <= 0 or f.adv_clip <= 0 or f.kl_coef < 0 or not 0 <= f.old_uphold < 1 or f.old_uprate < 0:
+        raise UserError("config forward: nft_beta and adv_clip must be > 0, kl_coef and old_uprate ≥ 0, old_uphold in [0, 1)")
     if cfg.algo.log_prob_reduce not in ("sum", "mean"):
         raise UserError(f"config algo.log_prob_reduce: 'sum' or 'mean', got {cfg.algo.log_prob_reduce!r}")
     r = cfg.ray
@@ -313,6 +339,22 @@ def window_steps(cfg: TrainConfig) -> int:
 def window_first_step(cfg: TrainConfig) -> int:
     """The first denoising step of the RL window (0 unless ``policy.window_start`` delays it)."""
     return round(cfg.policy.window_start * cfg.env.num_steps)
+
+
+def is_forward_learner(cfg: TrainConfig) -> bool:
+    """Does ``--algo`` train on final samples only (AWM, NFT), rather than on a window of SDE steps?"""
+    return cfg.algo.name in FORWARD_LEARNERS
+
+
+FORWARD_LEARNERS = ("awm", "nft")
+
+
+def rollout_window(cfg: TrainConfig) -> tuple[int, int]:
+    """(steps, first step) that the rollout policy explores with ``policy.noise_level``: the RL window for PPO /
+    GRPO; for a forward-process learner every step with ``forward.sampler=sde`` and none (the ODE) with ``ode``."""
+    if is_forward_learner(cfg):
+        return (cfg.env.num_steps if cfg.forward.sampler == "sde" else 0), 0
+    return window_steps(cfg), window_first_step(cfg)
 
 
 def window_step_count(window: float, num_steps: int) -> int:

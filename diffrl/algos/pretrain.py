@@ -30,7 +30,7 @@ from diffrl.eval.evaluate import evaluate, held_out_layouts
 from diffrl.policies.backbones.tiny import build_tiny_generator
 from diffrl.policies.generator import load_generator
 from diffrl.rewards.shapes import ShapesReward
-from diffrl.shapes.world import render, sample_layouts
+from diffrl.shapes.world import loosen, render, sample_layouts
 
 
 @dataclass
@@ -49,6 +49,8 @@ class PretrainConfig:
     init: str = ""  # continue from this generator (registered name or folder) instead of a fresh model
     idm: bool = False  # give the layout adapter I-DRUID's IDM and train with its L_dis
     dis_coef: float = 0.1  # λ_dis: weight of L_dis when idm (ignored without)
+    world: str = "classic"  # box rules of the training and evaluation layouts (diffrl.shapes.world.WORLDS)
+    loose: float = 0.0  # condition on boxes grown by up to this fraction of their size per side (0: exact boxes)
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
@@ -75,14 +77,16 @@ def pretrain(cfg: PretrainConfig) -> Path:
     data_rng = torch.Generator().manual_seed(cfg.seed)
     noise_rng = torch.Generator().manual_seed(cfg.seed + 1)
     reward = ShapesReward()
-    held_out = held_out_layouts(cfg.eval_layouts, cfg.levels, seed=10_000 + cfg.seed)
+    held_out = held_out_layouts(cfg.eval_layouts, cfg.levels, seed=10_000 + cfg.seed, world=cfg.world)
+    box_rng = torch.Generator().manual_seed(cfg.seed + 2)
     log = []
     start = time.time()
     bar = tqdm(range(cfg.steps), desc="pretrain")
     for step in bar:
-        layouts = sample_layouts(cfg.batch_size, list(cfg.levels), generator=data_rng)
+        layouts = sample_layouts(cfg.batch_size, list(cfg.levels), generator=data_rng, world=cfg.world)
         x0 = model.space.encode(render(layouts, size=model.space.image_size))
-        ldm = flow_matching_loss(model, x0, model.encode_layouts(layouts), generator=noise_rng)
+        shown = loosen(layouts, cfg.loose, box_rng) if cfg.loose else layouts  # what the model is told
+        ldm = flow_matching_loss(model, x0, model.encode_layouts(shown), generator=noise_rng)
         dis = model.denoiser.adapter.last_dis if dis_coef else None  # of the same forward
         loss = ldm + dis_coef * dis if dis is not None else ldm
         optimizer.zero_grad(set_to_none=True)

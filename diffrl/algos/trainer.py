@@ -34,6 +34,7 @@ import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm.auto import tqdm
 
+import diffrl.algos.forward  # noqa: F401  (registers "awm", "nft")
 import diffrl.algos.grpo  # noqa: F401  (registers "grpo")
 import diffrl.algos.ppo  # noqa: F401  (registers "ppo")
 import diffrl.algos.sft_learner  # noqa: F401  (registers "sft")
@@ -42,10 +43,10 @@ from diffrl.algos.checkpoint import (capture_rng, latest_checkpoint, load_checkp
                                     save_checkpoint)
 from diffrl.algos.learner import require_idm
 from diffrl.algos.sft import Paired
-from diffrl.config import (TrainConfig, chunk_layouts, save_yaml, uses_paired_data, uses_ray, window_first_step,
-                           window_steps)
+from diffrl.config import (TrainConfig, chunk_layouts, is_forward_learner, rollout_window, save_yaml,
+                           uses_paired_data, uses_ray)
 from diffrl.distributed.ray_workers import ScaleOut
-from diffrl.envs.datasets import make_source
+from diffrl.envs.datasets import make_source, shapes_world
 from diffrl.errors import UserError
 from diffrl.files import atomic_write_text
 from diffrl.eval.evaluate import evaluate, held_out_layouts
@@ -133,14 +134,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             num_steps=cfg.env.num_steps, shift=cfg.env.shift, seed=cfg.seed, share_noise=cfg.env.share_noise,
             device=device,
         )
-        window, first = window_steps(cfg), window_first_step(cfg)
-        policy = SDEPolicyNet(generator, store, cfg.policy.noise_level, window, first)
-        reference = SDEPolicyNet(frozen_copy(generator), store, cfg.policy.noise_level, window, first)
+        policy = SDEPolicyNet(generator, store, cfg.policy.noise_level, *rollout_window(cfg))
         actor = make_actor(policy, env.action_spec, cfg.algo.log_prob_reduce)
-        learner = algo_cls(policy, reference, actor, cfg.algo)
+        if is_forward_learner(cfg):  # AWM / NFT: the flow-matching loss on final samples, no actor to score
+            learner = algo_cls(generator, frozen_copy(generator), store, cfg.algo, cfg.forward, env.sigmas)
+        else:
+            reference = SDEPolicyNet(frozen_copy(generator), store, cfg.policy.noise_level, *rollout_window(cfg))
+            learner = algo_cls(policy, reference, actor, cfg.algo)
 
         uses_pairs = uses_paired_data(cfg)
-        eval_set = held_out_layouts(cfg.eval.layouts, cfg.eval.levels, cfg.eval.seed)
+        eval_set = held_out_layouts(cfg.eval.layouts, cfg.eval.levels, cfg.eval.seed,
+                                    world=shapes_world(cfg.env.data) or "classic")
         eval_kwargs = dict(num_steps=cfg.env.num_steps, shift=cfg.env.shift, batch_size=cfg.eval.batch_size,
                            seed=cfg.eval.seed, progress=progress)
         eval_oom = f"in evaluation: lower eval.batch_size (now {cfg.eval.batch_size})"
@@ -153,6 +157,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         if resume and (latest := latest_checkpoint(checkpoints)) is not None:
             remove_stale(checkpoints)
             start_iteration, rng = load_checkpoint(latest, learner.trainable_modules(), learner.optimizer)
+            learner.iteration = start_iteration  # NFT's soft update of v_old depends on it
             restore_rng(rng, env.noise_generator, source, device)
             base = json.loads((run / "base.json").read_text())
             wall_before = base.pop("wall_seconds_so_far", 0.0)

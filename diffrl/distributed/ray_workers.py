@@ -50,7 +50,7 @@ import torch
 from tensordict import TensorDictBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from diffrl.config import TrainConfig, chunk_layouts, window_first_step, window_steps
+from diffrl.config import TrainConfig, chunk_layouts, is_forward_learner, rollout_window
 from diffrl.envs.layout_env import LayoutEnv
 from diffrl.errors import UserError
 from diffrl.layout import Layout
@@ -158,8 +158,7 @@ class RolloutWorker:
             self.generator = generator
             self.reward = GuardedReward(reward_factory()) if reward_factory is not None else None
             self.store = ConditionStore()
-            self.policy = SDEPolicyNet(generator, self.store, cfg.policy.noise_level, window_steps(cfg),
-                                       window_first_step(cfg))
+            self.policy = SDEPolicyNet(generator, self.store, cfg.policy.noise_level, *rollout_window(cfg))
             self.envs: dict[int, tuple[LayoutEnv, Any]] = {}
             self.version = 0
         except Exception as err:  # noqa: BLE001  (raised again by ready(), so the driver sees the cause)
@@ -209,8 +208,16 @@ class RolloutWorker:
         if self.reward is not None:
             reward = RewardOutput(out.rewards.float().cpu(), {k: v.cpu() for k, v in out.info.items()})
             errors = self.reward.take_errors()
+        if is_forward_learner(self.cfg):  # AWM / NFT learn from the final samples: send the last step only
+            rollout = final_step(rollout)
         result = ChunkResult(chunk.index, rollout.cpu(), reward, errors, start, time.time())
         return result, (images.cpu() if self.reward is None else None)
+
+
+def final_step(rollout: TensorDictBase) -> TensorDictBase:
+    """A [b, T] rollout → [b, 1]: the last step's layout index and what followed it (the final latent and the
+    reward), all a forward-process learner (`diffrl.algos.forward.FinalSamples`) reads."""
+    return rollout[:, -1:].select("layout_index", ("next", "latent"), ("next", "reward"), ("next", "layout_index"))
 
 
 # ------------------------------------------------------------------------------------ where chunks run

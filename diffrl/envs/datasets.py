@@ -23,7 +23,10 @@ class LayoutSource(Protocol):
 
 @DATASETS.register("shapes")
 class ShapesLayouts:
-    """Random Shapes-world layouts with a level (instance count) drawn from ``levels``."""
+    """Random Shapes-world layouts with a level (instance count) drawn from ``levels``, in the classic world's box
+    rules (shapes-tiny's: 7–19 px, one free cell between boxes)."""
+
+    world = "classic"
 
     def __init__(self, levels: Sequence[int] = LEVELS, seed: int = 0):
         bad = [lv for lv in levels if lv not in LEVELS]
@@ -33,13 +36,26 @@ class ShapesLayouts:
         self.generator = torch.Generator().manual_seed(seed)
 
     def sample(self, n: int) -> list[Layout]:
-        return sample_layouts(n, self.levels, generator=self.generator)
+        return sample_layouts(n, self.levels, generator=self.generator, world=self.world)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+@DATASETS.register("shapes-loose")
+class LooseShapesLayouts(ShapesLayouts):
+    """Shapes-world layouts in the loose-box world's rules (9–19 px, boxes may touch): the default's world."""
+
+    world = "loose"
+
+
+def shapes_world(data: str) -> str | None:
+    """The Shapes world (`diffrl.shapes.world.WORLDS`) whose layouts ``--data`` names, or None for a file."""
+    cls = DATASETS.get(data) if data in DATASETS else None
+    return getattr(cls, "world", None)
 
 
 class JsonlLayouts:

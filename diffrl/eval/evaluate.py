@@ -24,9 +24,9 @@ from diffrl.rewards.base import Reward, RewardOutput
 from diffrl.shapes.world import sample_layouts
 
 
-def held_out_layouts(n: int, levels: Sequence[int], seed: int) -> list[Layout]:
-    """A fixed-seed evaluation set spread evenly over ``levels`` (round-robin)."""
-    return sample_layouts(n, list(levels), seed=seed, balanced=True)
+def held_out_layouts(n: int, levels: Sequence[int], seed: int, world: str = "classic") -> list[Layout]:
+    """A fixed-seed evaluation set of ``world``'s layouts spread evenly over ``levels`` (round-robin)."""
+    return sample_layouts(n, list(levels), seed=seed, balanced=True, world=world)
 
 
 @torch.no_grad()

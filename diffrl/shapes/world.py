@@ -8,6 +8,7 @@ layout is its instance count, L1–L6 as in COCO-MIG.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -28,9 +29,26 @@ SHAPES = ("square", "circle", "triangle")
 LEVELS = (1, 2, 3, 4, 5, 6)
 
 GRID = 32  # box corners lie on a 32×32 grid, so a perfect 32-px image matches its boxes exactly
-MIN_SIDE = 7  # grid cells: small enough for six boxes, big enough to tell the shapes apart
-MAX_SIDE = {1: 19, 2: 16, 3: 14, 4: 13, 5: 12, 6: 10}
-GAP = 1  # free grid cells kept between boxes
+
+
+@dataclass(frozen=True)
+class BoxRules:
+    """How a world draws boxes on the grid: side lengths (grid cells) and the free cells kept between boxes."""
+
+    min_side: int  # grid cells
+    max_side: dict  # level → largest side
+    gap: int  # free cells between two boxes (0: boxes may touch)
+
+
+# The classic world of shapes-tiny (the hard benchmark): sides 7–19 px, one free cell between boxes. Two
+# instances in three then sit in boxes of ≤ 8 px, where the drawn shape is re-decided by the noise at every step.
+CLASSIC = BoxRules(min_side=7, max_side={1: 19, 2: 16, 3: 14, 4: 13, 5: 12, 6: 10}, gap=1)
+# The loose-box world of the default (`shapes-loose`): sides 9–19 px, so a shape is drawable wherever RL moves a
+# box, and boxes may touch, as in COCO-MIG, so neighbours can leak attributes into each other.
+LOOSE = BoxRules(min_side=9, max_side={1: 19, 2: 16, 3: 14, 4: 13, 5: 12, 6: 11}, gap=0)
+WORLDS = {"classic": CLASSIC, "loose": LOOSE}
+
+MIN_SIDE = CLASSIC.min_side  # the classic world's, for code that builds its own boxes (eval.leakage)
 
 
 def phrase_of(color: str, shape: str) -> str:
@@ -54,7 +72,7 @@ def prompt_of(phrases: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _sample_boxes(n: int, generator: torch.Generator) -> list[tuple[float, float, float, float]]:
+def _sample_boxes(n: int, generator: torch.Generator, rules: BoxRules = CLASSIC) -> list[tuple[float, float, float, float]]:
     def integer(lo: int, hi: int) -> int:  # uniform on lo..hi inclusive
         return lo + int(torch.randint(hi - lo + 1, (), generator=generator))
 
@@ -62,12 +80,12 @@ def _sample_boxes(n: int, generator: torch.Generator) -> list[tuple[float, float
         cells: list[tuple[int, int, int, int]] = []
         for _ in range(n):
             for _ in range(200):
-                w = integer(MIN_SIDE, MAX_SIDE[n])
+                w = integer(rules.min_side, rules.max_side[n])
                 aspect = 0.6 + torch.rand((), generator=generator).item()
-                h = min(max(round(w * aspect), MIN_SIDE), MAX_SIDE[n])
+                h = min(max(round(w * aspect), rules.min_side), rules.max_side[n])
                 x0, y0 = integer(0, GRID - w), integer(0, GRID - h)
                 box = (x0, y0, x0 + w, y0 + h)
-                if all(_apart(box, other) for other in cells):
+                if all(_apart(box, other, rules.gap) for other in cells):
                     cells.append(box)
                     break
             else:
@@ -76,8 +94,8 @@ def _sample_boxes(n: int, generator: torch.Generator) -> list[tuple[float, float
             return [tuple(v / GRID for v in box) for box in cells]
 
 
-def _apart(a: tuple, b: tuple) -> bool:
-    return a[2] + GAP <= b[0] or b[2] + GAP <= a[0] or a[3] + GAP <= b[1] or b[3] + GAP <= a[1]
+def _apart(a: tuple, b: tuple, gap: int) -> bool:
+    return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
 
 
 def sample_layouts(
@@ -86,8 +104,11 @@ def sample_layouts(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     balanced: bool = False,
+    world: str = "classic",
 ) -> list[Layout]:
-    """``n`` random layouts; the level is uniform over ``levels`` (round-robin when ``balanced``)."""
+    """``n`` random layouts of ``world``'s box rules (`WORLDS`); the level is uniform over ``levels`` (round-robin
+    when ``balanced``)."""
+    rules = WORLDS[world]
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
     colors, shapes = list(COLORS), list(SHAPES)
@@ -97,7 +118,7 @@ def sample_layouts(
             level = levels[i % len(levels)]
         else:
             level = levels[torch.randint(len(levels), (), generator=generator).item()]
-        boxes = _sample_boxes(level, generator)
+        boxes = _sample_boxes(level, generator, rules)
         phrases = [
             phrase_of(colors[torch.randint(len(colors), (), generator=generator).item()],
                       shapes[torch.randint(len(shapes), (), generator=generator).item()])
@@ -105,6 +126,21 @@ def sample_layouts(
         ]
         layouts.append(Layout(prompt_of(phrases), phrases, boxes))
     return layouts
+
+
+def loosen(layouts: Sequence[Layout], margin: float, generator: torch.Generator) -> list[Layout]:
+    """The same layouts with each box grown by m·(its width, its height) on every side, m ~ U[0, margin] per
+    instance, clipped to the canvas: the loose annotations a layout model is trained on when its boxes come from
+    a detector or a hurried annotator. The object still fills the *original* box in the paired render."""
+    out = []
+    for layout in layouts:
+        boxes = []
+        for x0, y0, x1, y1 in layout.boxes:
+            m = margin * torch.rand((), generator=generator).item()
+            dx, dy = m * (x1 - x0), m * (y1 - y0)
+            boxes.append((max(0.0, x0 - dx), max(0.0, y0 - dy), min(1.0, x1 + dx), min(1.0, y1 + dy)))
+        out.append(Layout(layout.prompt, list(layout.phrases), boxes))
+    return out
 
 
 def shape_mask(shape: str, boxes: Tensor, size: int) -> Tensor:

@@ -73,5 +73,13 @@ PACKAGED = Path(__file__).resolve().parents[2] / "assets" / "shapes-tiny"
 
 @MODELS.register("shapes-tiny")
 def shapes_tiny() -> Path:
-    """The pre-trained tiny Shapes generator shipped in the package."""
+    """The pre-trained tiny Shapes generator shipped in the package: the classic world (`--data shapes`), the hard
+    benchmark."""
     return PACKAGED
+
+
+@MODELS.register("shapes-loose")
+def shapes_loose() -> Path:
+    """shapes-tiny fine-tuned on loosely annotated layouts of the loose-box world (`--data shapes-loose`): the
+    default's base (see its pretrain.json for the command)."""
+    return PACKAGED.parent / "shapes-loose"

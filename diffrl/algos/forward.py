@@ -1,0 +1,251 @@
+"""Forward-process learners: the flow-matching loss on the model's own final samples, weighted by the reward.
+
+Where PPO and GRPO score the SDE step's log-probability inside a window of denoising steps, these learners need
+only what a rollout ends with: the final latent x0 of each sample, its conditioning (a ``layout_index`` into the
+`ConditionStore`) and its reward. At K flow times t per sample they noise x0 afresh,
+
+    x_t = (1 − t)·x0 + t·ε,     target  v* = ε − x0          (the sampler's `noisy` / `target`)
+
+and train the velocity there (so any sampler may make the rollouts: the ODE, or the SDE):
+
+* **AWM** (Advantage Weighted Matching, 2025):
+  ``L = mean_i A_i·‖v_θ(x_t⁽ⁱ⁾, t) − v*⁽ⁱ⁾‖² + β_KL·‖v_θ − v_ref‖²`` with group-normalised advantages A of both signs.
+* **NFT** (DiffusionNFT, Zheng et al. 2025, arXiv 2509.16117): with r = clip(A / A_max, −1, 1)/2 + 1/2 ∈ [0, 1],
+  ``v⁺ = (1−β)·v_old + β·v_θ`` and ``v⁻ = (1+β)·v_old − β·v_θ``,
+  ``L = A_max/β · mean_i [r_i·‖x̂0(v⁺) − x0‖²/w⁺ + (1−r_i)·‖x̂0(v⁻) − x0‖²/w⁻] + β_KL·‖v_θ − v_ref‖²``
+  in x0-space (x̂0(v) = x_t − t·v, so ‖x̂0 − x0‖² = t²‖v − v*‖²) with the paper's adaptive weights w = mean|x̂0 − x0|
+  (no gradient); v_old is a slow EMA of θ (the paper's ``decay_type=1``: η = min(0.001·iteration, 0.5)).
+  At v_θ = v_old its gradient is 2·(A/A_max)·(v_old − v*)/w — AWM's direction, which is why both cancel the pull
+  towards the model's own samples that plain refitting (RAFT) suffers from.
+
+**Common random numbers.** The samples of one layout's group share their (t, ε) draws (``forward.crn``). Under
+zero-mean group advantages Σ_i A_i = 0, so whatever the K loss terms of a group have in common — the noise's own
+contribution to ‖v_θ − v*‖², the same at equal (t, ε) wherever x0 agrees — cancels in Σ_i A_i·ℓ_i exactly, instead
+of adding variance that only averages out over many samples. `benchmarks/crn_variance.py` measures the gradient's
+variance with and without it.
+
+The UNet (ε-prediction, DDIM) backbones: both losses are written in the sampler's own noising and target
+(`Sampler.noisy`, `Sampler.target`), which for an ε-predicting UNet are its DDPM noising and ε; NFT's x0-space
+weights use the flow identity x̂0 = x_t − t·v, so `NFT` is flow-only and says so in one line; `AWM` trains both.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDictBase
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from diffrl.algos.advantages import group_advantages
+from diffrl.config import AlgoConfig, ForwardConfig
+from diffrl.errors import UserError
+from diffrl.policies.generator import LayoutGenerator
+from diffrl.policies.lora import TrainableOnly, has_lora
+from diffrl.policies.text import ConditionStore
+from diffrl.registry import ALGOS
+
+
+@dataclass
+class FinalSamples:
+    """What a forward-process learner needs of a rollout: no per-step tensors."""
+
+    x0: Tensor  # [B, C, H, W] final latents
+    layout_index: Tensor  # [B] rows of the ConditionStore (a group shares one)
+    rewards: Tensor  # [B]
+
+    @classmethod
+    def of(cls, rollout: TensorDictBase) -> "FinalSamples":
+        """A ``[B, T]`` env rollout → its final samples."""
+        return cls(rollout["next", "latent"][:, -1], rollout["layout_index"][:, 0], rollout["next", "reward"][:, -1, 0])
+
+
+# ---- pure math -------------------------------------------------------------------------------------------------
+
+
+def group_times_noise(layout_index: Tensor, k: int, latent_shape, times: Tensor | None, crn: bool,
+                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """K flow times and noises per sample: (t [K, B], ε [K, B, C, H, W]).
+
+    ``times``: the values to draw t from without replacement per row (the sampling schedule's times in (0, 1]), or
+    None for t ~ U(0, 1). With ``crn`` every sample of a group (same ``layout_index``) gets its group's draws."""
+    groups, inverse = torch.unique(layout_index, return_inverse=True)
+    rows = groups.numel() if crn else layout_index.numel()
+    device = layout_index.device
+    if times is None:
+        t = torch.rand(k, rows, generator=generator, device=device)
+    else:
+        if k > times.numel():
+            raise UserError(f"config forward.timesteps={k}: more than the {times.numel()} times of the sampling schedule")
+        pick = torch.stack([torch.randperm(times.numel(), generator=generator, device=device)[:k] for _ in range(rows)], 1)
+        t = times.to(device)[pick]  # [K, rows]
+    noise = torch.randn(k, rows, *latent_shape, generator=generator, device=device)
+    if crn:
+        t, noise = t[:, inverse], noise[:, inverse]
+    return t, noise
+
+
+def per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
+    """Mean squared difference over all but the batch dim: [B, ...] × 2 → [B]."""
+    return ((a.float() - b.float()) ** 2).flatten(1).mean(1)
+
+
+def awm_loss(velocity: Tensor, target: Tensor, advantages: Tensor) -> Tensor:
+    """AWM's policy term: mean_i A_i·‖v_i − v*_i‖² (velocity, target [B, C, H, W]; advantages [B])."""
+    return (advantages * per_sample_mse(velocity, target)).mean()
+
+
+def nft_reward(advantages: Tensor, adv_clip: float) -> Tensor:
+    """DiffusionNFT's optimality probability r = clip(A / A_max, −1, 1)/2 + 1/2 ∈ [0, 1]."""
+    return (advantages / adv_clip).clamp(-1, 1) / 2 + 0.5
+
+
+def nft_loss(velocity: Tensor, old_velocity: Tensor, x_t: Tensor, x0: Tensor, t: Tensor, r: Tensor, beta: float,
+             adv_clip: float, eps: float = 1e-5) -> Tensor:
+    """DiffusionNFT's policy term (see the module docstring): velocity, old_velocity, x_t, x0 [B, C, H, W], t [B],
+    r [B] in [0, 1]; x0-space errors with the paper's adaptive weights (detached)."""
+    tt = t.view(-1, *([1] * (x0.ndim - 1)))
+    old = old_velocity.detach().float()
+    positive = (1 - beta) * old + beta * velocity.float()
+    negative = (1 + beta) * old - beta * velocity.float()
+    x0 = x0.float()
+    err_pos, err_neg = x_t - tt * positive - x0, x_t - tt * negative - x0  # x̂0(v) − x0
+    with torch.no_grad():
+        w_pos = err_pos.abs().flatten(1).mean(1).clamp_min(eps)
+        w_neg = err_neg.abs().flatten(1).mean(1).clamp_min(eps)
+    pos = (err_pos**2).flatten(1).mean(1) / w_pos
+    neg = (err_neg**2).flatten(1).mean(1) / w_neg
+    return adv_clip * (r * pos + (1 - r) * neg).mean() / beta
+
+
+# ---- the learners ----------------------------------------------------------------------------------------------
+
+
+class ForwardLearner:
+    """The update shared by AWM and NFT: group advantages, K (t, ε) draws per sample, minibatches, one optimizer
+    step per epoch with ``algo.accumulate`` (else one per minibatch), KL to the frozen reference's velocity."""
+
+    name = "forward"
+    family = "forward"  # the trainer builds these from the generator, not from a TorchRL actor
+
+    def __init__(self, generator: LayoutGenerator, reference: LayoutGenerator, store: ConditionStore,
+                 cfg: AlgoConfig, fwd: ForwardConfig, times: Tensor):
+        self.generator = generator
+        self.reference = reference
+        self.store = store
+        self.cfg = cfg
+        self.fwd = fwd
+        self.times = times[times > 0] if fwd.time_sampling == "schedule" else None  # [T] the schedule's times
+        self.params = [p for p in generator.denoiser.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW([{"params": self.params, "lr": cfg.lr}], weight_decay=0.0)
+        self.iteration = 0
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        denoiser = self.generator.denoiser
+        return {"denoiser": TrainableOnly(denoiser) if has_lora(denoiser) else denoiser}
+
+    def policy_loss(self, velocity: Tensor, x_t: Tensor, x0: Tensor, t: Tensor, target: Tensor, advantages: Tensor,
+                    index: Tensor, cond) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, rollout: TensorDictBase, paired=None) -> dict[str, float]:
+        samples = FinalSamples.of(rollout)
+        with torch.no_grad():
+            advantages = group_advantages(samples.rewards, samples.layout_index, scale=self.cfg.group_scale)
+        b, k = samples.x0.shape[0], self.fwd.timesteps
+        sampler = self.generator.sampler
+        logs: dict[str, list[float]] = defaultdict(list)
+        chunks = [(j, s) for j in range(k) for s in range(0, b, self.cfg.minibatch_size)]
+        per_step = len(chunks) if self.cfg.accumulate else 1
+        for _ in range(self.cfg.epochs):
+            t_all, noise_all = group_times_noise(samples.layout_index, k, samples.x0.shape[1:], self.times, self.fwd.crn)
+            order = [chunks[i] for i in torch.randperm(len(chunks)).tolist()]
+            for n, (j, start) in enumerate(order):
+                rows = slice(start, start + self.cfg.minibatch_size)
+                x0, index, t, noise = samples.x0[rows], samples.layout_index[rows], t_all[j, rows], noise_all[j, rows]
+                cond = self.store[index]
+                x_t = sampler.noisy(x0, noise, t)
+                target = sampler.target(x0, noise, t)
+                velocity = self.generator.velocity(x_t, t, cond)
+                policy = self.policy_loss(velocity, x_t, x0, t, target, advantages[rows], index, cond)
+                total = policy
+                if self.fwd.kl_coef:
+                    with torch.no_grad():
+                        ref = self.reference.velocity(x_t, t, cond)
+                    kl = per_sample_mse(velocity, ref).mean()
+                    total = total + self.fwd.kl_coef * kl
+                    logs["kl_ref"].append(float(kl.detach()))
+                (total / per_step).backward()
+                logs["loss_policy"].append(float(policy.detach()))
+                if (n + 1) % per_step == 0 or n + 1 == len(order):
+                    logs["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)))
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+        self.iteration += 1
+        self.after_iteration()
+        result = {key: sum(values) / len(values) for key, values in logs.items()}
+        result["advantage_abs"] = float(advantages.abs().mean())
+        return result
+
+    def after_iteration(self) -> None:
+        pass
+
+
+@ALGOS.register("awm")
+class AWM(ForwardLearner):
+    """Advantage Weighted Matching: the flow-matching loss weighted by group-normalised advantages of both signs."""
+
+    name = "awm"
+
+    def policy_loss(self, velocity, x_t, x0, t, target, advantages, index, cond):
+        return awm_loss(velocity, target, advantages)
+
+
+class OldWeights(nn.Module):
+    """θ_old of DiffusionNFT: a copy of the trainable tensors, kept in checkpoints (so a resumed run continues
+    with the same v_old)."""
+
+    def __init__(self, named: dict[str, Tensor]):
+        super().__init__()
+        self.names = list(named)
+        for i, value in enumerate(named.values()):
+            self.register_buffer(f"p{i}", value.detach().clone())
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {name: getattr(self, f"p{i}") for i, name in enumerate(self.names)}
+
+
+@ALGOS.register("nft")
+class NFT(ForwardLearner):
+    """DiffusionNFT: implicit positive and negative policies around the slow-moving v_old."""
+
+    name = "nft"
+
+    def __init__(self, generator, reference, store, cfg, fwd, times):
+        if generator.sampler.prediction != "flow":
+            raise UserError("--algo nft is flow-only (its x0-space weights use x̂0 = x_t − t·v); this model predicts "
+                            f"{generator.sampler.prediction}: use --algo awm, ppo or grpo")
+        super().__init__(generator, reference, store, cfg, fwd, times)
+        denoiser = generator.denoiser
+        self.old = OldWeights({name: p for name, p in denoiser.named_parameters() if p.requires_grad})
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {**super().trainable_modules(), "nft_old": self.old}
+
+    def old_velocity(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
+        with torch.no_grad():
+            return functional_call(self.generator.denoiser, self.old.as_dict(), (x_t, t, cond), strict=False)
+
+    def policy_loss(self, velocity, x_t, x0, t, target, advantages, index, cond):
+        r = nft_reward(advantages, self.fwd.adv_clip)
+        return nft_loss(velocity, self.old_velocity(x_t, t, cond), x_t, x0, t, r, self.fwd.nft_beta, self.fwd.adv_clip)
+
+    def after_iteration(self) -> None:
+        """θ_old ← η·θ_old + (1 − η)·θ with η = min(old_uprate·iteration, old_uphold) (the paper's decay_type=1)."""
+        eta = min(self.fwd.old_uprate * self.iteration, self.fwd.old_uphold)
+        named = dict(self.generator.denoiser.named_parameters())
+        with torch.no_grad():
+            for name, old in self.old.as_dict().items():
+                old.mul_(eta).add_(named[name].detach(), alpha=1 - eta)
