@@ -66,7 +66,7 @@ class PolicyConfig:
 @dataclass
 class AlgoConfig:
     name: str = option("ppo", "--algo: the learner")
-    lr: float = option(1e-5, "learning rate of the generator")
+    lr: float = option(1e-5, "learning rate of the generator (awm, nft: 1e-4, their own default)")
     epochs: int = option(1, "passes over each iteration's transitions")
     minibatch_size: int = option(64, "samples of one denoising step per gradient step (≥ batch: the whole step)")
     clip_epsilon: float = option(0.2, "PPO ratio clip ζ")
@@ -74,7 +74,7 @@ class AlgoConfig:
     log_prob_reduce: str = option("sum", "log-prob over latent dims: sum (exact density) or mean (Flow-GRPO)")
     max_grad_norm: float = option(1.0, "gradient-norm clip")
     anchor_steps: int = option(0, "post-window steps per epoch held to the reference by the KL term (0: none)")
-    accumulate: bool = option(True, "one optimizer step per epoch, averaging the gradients of all window steps (Flow-GRPO)")
+    accumulate: bool = option(True, "one optimizer step per epoch, averaging the gradients of all window steps (Flow-GRPO); awm, nft: off, a step per minibatch")
     ldm_coef: float = option(0.0, "weight λ of I-DRUID's L_ldm: flow matching on paired renders of each iteration's layouts (0: off; --data shapes)")
     dis_coef: float = option(0.0, "weight λ_dis of I-DRUID's IDC loss L_dis on each training forward (0: off; needs a generator with IDM: model.idm=true, or one from `diffrl pretrain --idm`)")
     critic_lr: float = option(1e-3, "PPO: learning rate of the critic φ")
@@ -86,7 +86,7 @@ class AlgoConfig:
 @dataclass
 class ForwardConfig:
     sampler: str = option("ode", "AWM/NFT: how rollouts are drawn: ode (deterministic from x_1, as DiffusionNFT) or sde (policy.noise_level at every step)")
-    timesteps: int = option(2, "AWM/NFT: flow times per sample at which the loss is taken (the papers: every step of the schedule, i.e. env.num_steps)")
+    timesteps: int = option(2, "AWM/NFT: flow times per sample at which the loss is taken, at most env.num_steps with time_sampling=schedule (the papers: every step of the schedule)")
     time_sampling: str = option("schedule", "AWM/NFT: where those times are drawn: schedule (the sampling schedule's times) or uniform (U(0, 1))")
     crn: bool = option(True, "AWM/NFT: the samples of a group share their (t, ε) draws (common random numbers), so what they have in common cancels under zero-mean advantages")
     kl_coef: float = option(0.0001, "AWM/NFT: weight of ‖v_θ − v_ref‖² to the initial model (DiffusionNFT: 1e-4)")
@@ -109,6 +109,7 @@ class EvalConfig:
     seed: int = option(1234, "seed of the held-out set and of its initial noise")
     batch_size: int = option(125, "images per evaluation batch")
     grid: int = option(16, "images in the before/after sample grids")
+    every: int = option(0, "also evaluate every N iterations during training, logged as eval_* in metrics.jsonl (0: only before and after)")
 
 
 @dataclass
@@ -239,12 +240,29 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+# A learner's own defaults where the shared ones do not suit it: they sit between the global defaults and a user's
+# settings (YAML, flags, overrides), which win. The forward-process learners take many small Adam steps on a fresh
+# flow-matching loss, where the window learners take one accumulated step on a clipped surrogate.
+LEARNER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "awm": {"algo.lr": 1e-4, "algo.accumulate": False},
+    "nft": {"algo.lr": 1e-4, "algo.accumulate": False},
+}
+
+
 def build_config(yaml_data: dict | None = None, overrides: list[tuple[str, Any]] = ()) -> TrainConfig:
-    cfg = TrainConfig()
-    for key, value in (yaml_data or {}).items():
-        set_value(cfg, key, value)
-    for key, value in overrides:
-        set_value(cfg, key, value)
+    def settle(cfg: TrainConfig) -> TrainConfig:
+        for key, value in (yaml_data or {}).items():
+            set_value(cfg, key, value)
+        for key, value in overrides:
+            set_value(cfg, key, value)
+        return cfg
+
+    cfg = settle(TrainConfig())
+    if own := LEARNER_DEFAULTS.get(cfg.algo.name):  # again, from the learner's own defaults
+        cfg = TrainConfig()
+        for key, value in own.items():
+            set_value(cfg, key, value)
+        cfg = settle(cfg)
     validate(cfg)
     return cfg
 
@@ -253,6 +271,8 @@ def validate(cfg: TrainConfig) -> None:
     """Checks that span fields; each failure names the key and what would be valid."""
     if cfg.iterations < 0:
         raise UserError("config iterations: must be ≥ 0")
+    if cfg.eval.every < 0:
+        raise UserError(f"config eval.every: must be ≥ 0 (0: off), got {cfg.eval.every}")
     if not 0 < cfg.policy.window <= 1:
         raise UserError(f"config policy.window: must be in (0, 1], got {cfg.policy.window}")
     if not 0 <= cfg.policy.window_start < 1:
@@ -303,9 +323,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"config forward.sampler: 'ode' or 'sde', got {f.sampler!r}")
     if f.time_sampling not in ("schedule", "uniform"):
         raise UserError(f"config forward.time_sampling: 'schedule' or 'uniform', got {f.time_sampling!r}")
-    if f.timesteps < 1 or (f.time_sampling == "schedule" and f.timesteps > cfg.env.num_steps):
-        raise UserError(f"config forward.timesteps: between 1 and env.num_steps={cfg.env.num_steps} with "
-                        f"forward.time_sampling=schedule, got {f.timesteps}")
+    if f.timesteps < 1:
+        raise UserError(f"config forward.timesteps: must be ≥ 1, got {f.timesteps}")
     if f.nft_beta <= 0 or f.adv_clip <= 0 or f.kl_coef < 0 or not 0 <= f.old_uphold < 1 or f.old_uprate < 0:
         raise UserError("config forward: nft_beta and adv_clip must be > 0, kl_coef and old_uprate ≥ 0, old_uphold in [0, 1)")
     if cfg.algo.log_prob_reduce not in ("sum", "mean"):

@@ -162,6 +162,8 @@ def test_critic_reads_16_channel_latents_and_2048_pooled_text():
 @pytest.mark.parametrize("algo,extra", [
     ("ppo", []),
     ("grpo", ["model.dtype=bfloat16", "model.guidance_scale=3", "model.gradient_checkpointing=true"]),
+    ("awm", []),  # CFG-free, as the forward-process papers train
+    ("nft", ["model.guidance_scale=3"]),  # with CFG in the rollouts; the loss trains the conditional velocity
 ])
 def test_train_export_and_load_in_plain_diffusers(sd3_folder, tmp_path, algo, extra, one_thread):
     from diffusers import StableDiffusion3Pipeline
@@ -178,11 +180,12 @@ def test_train_export_and_load_in_plain_diffusers(sd3_folder, tmp_path, algo, ex
         denoiser_bytes = sum(f.get_tensor(k).numel() * 4 for k in keys if k.startswith("denoiser."))
     denoiser = [k for k in keys if k.startswith("denoiser.")]
     assert denoiser and all("lora_" in k or k.startswith("denoiser.adapter.") for k in denoiser)
-    assert all(k.split(".")[0] in ("denoiser", "critic", "optimizer", "rng") for k in keys)
+    assert all(k.split(".")[0] in ("denoiser", "critic", "optimizer", "rng", "nft_old") for k in keys)
+    assert any(k.startswith("nft_old.") for k in keys) == (algo == "nft")  # v_old: LoRA + adapter only, as above
     assert any(k.startswith("critic.") for k in keys) == (algo == "ppo")
     backbone_bytes = sum(p.stat().st_size for p in (sd3_folder / "transformer").glob("*.safetensors"))
     assert denoiser_bytes < 0.5 * backbone_bytes
-    if algo == "grpo":
+    if algo != "ppo":
         return
     out = tmp_path / "export"
     assert main(["export", str(run), "--out", str(out)]) == 0

@@ -387,3 +387,19 @@ def test_exported_unet_lora_loads_into_a_plain_sd_pipeline_and_changes_its_outpu
     assert "StableDiffusionPipeline" in (out / "README.md").read_text()
     pipe = StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None, requires_safety_checker=False)
     assert_lora_changes_the_output(pipe, out, size=16)
+
+
+def test_awm_trains_an_sd15_folder_in_its_epsilon_parameterisation_and_nft_says_it_is_flow_only(sd_folder, tmp_path,
+                                                                                                 capsys):
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump(SMALL))
+    run = tmp_path / "awm"
+    assert main(["train", "--model", str(sd_folder), "--algo", "awm", "--iterations", "2", "--out", str(run),
+                 "--config", str(config), "--quiet", "forward.kl_coef=0.1"]) == 0
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(line["loss_policy"]) for line in lines) and lines[1]["kl_ref"] > 0
+    capsys.readouterr()
+    code = main(["train", "--model", str(sd_folder), "--algo", "nft", "--out", str(tmp_path / "nft"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "flow-only" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "nft").exists()

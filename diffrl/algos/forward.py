@@ -120,6 +120,13 @@ def nft_loss(velocity: Tensor, old_velocity: Tensor, x_t: Tensor, x0: Tensor, t:
     return adv_clip * (r * pos + (1 - r) * neg).mean() / beta
 
 
+def require_flow(algo: str, generator: LayoutGenerator) -> None:
+    """``--algo nft`` needs a flow model (a user error otherwise, raised before a run folder is made)."""
+    if algo == "nft" and generator.sampler.prediction != "flow":
+        raise UserError("--algo nft is flow-only (its x0-space weights use x̂0 = x_t − t·v); this model predicts "
+                        f"{generator.sampler.prediction}: use --algo awm, ppo or grpo")
+
+
 # ---- the learners ----------------------------------------------------------------------------------------------
 
 
@@ -154,7 +161,8 @@ class ForwardLearner:
         samples = FinalSamples.of(rollout)
         with torch.no_grad():
             advantages = group_advantages(samples.rewards, samples.layout_index, scale=self.cfg.group_scale)
-        b, k = samples.x0.shape[0], self.fwd.timesteps
+        b = samples.x0.shape[0]
+        k = self.fwd.timesteps if self.times is None else min(self.fwd.timesteps, self.times.numel())
         sampler = self.generator.sampler
         logs: dict[str, list[float]] = defaultdict(list)
         chunks = [(j, s) for j in range(k) for s in range(0, b, self.cfg.minibatch_size)]
@@ -224,9 +232,7 @@ class NFT(ForwardLearner):
     name = "nft"
 
     def __init__(self, generator, reference, store, cfg, fwd, times):
-        if generator.sampler.prediction != "flow":
-            raise UserError("--algo nft is flow-only (its x0-space weights use x̂0 = x_t − t·v); this model predicts "
-                            f"{generator.sampler.prediction}: use --algo awm, ppo or grpo")
+        require_flow(cfg.name, generator)
         super().__init__(generator, reference, store, cfg, fwd, times)
         denoiser = generator.denoiser
         self.old = OldWeights({name: p for name, p in denoiser.named_parameters() if p.requires_grad})

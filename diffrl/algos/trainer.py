@@ -41,6 +41,7 @@ import diffrl.algos.sft_learner  # noqa: F401  (registers "sft")
 import diffrl.envs.layout_env  # noqa: F401  (registers "layout")
 from diffrl.algos.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, remove_stale, restore_rng,
                                     save_checkpoint)
+from diffrl.algos.forward import require_flow
 from diffrl.algos.learner import require_idm
 from diffrl.algos.sft import Paired
 from diffrl.config import (TrainConfig, chunk_layouts, is_forward_learner, rollout_window, save_yaml,
@@ -118,6 +119,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     with oom_hint(f"placing the generator on {device}: it needs a device with more free memory (--device)"):
         generator = build_generator(cfg.model, cfg.policy.train).to(device)
     require_idm(cfg.algo, generator)
+    require_flow(cfg.algo.name, generator)
     with ExitStack() as cleanup:
         scale = cleanup.enter_context(ScaleOut(cfg, generator, device)) if uses_ray(cfg) else None  # Ray starts here only
         if scale is not None and scale.reward is not None:
@@ -191,6 +193,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 rollout, rewards, valid = _drop_invalid(rollout, errors, events, iteration)
                 with oom_hint(update_oom):
                     logs = learner.update(rollout, paired_renders(generator, store) if uses_pairs else None) if len(rewards) else {}
+                progress_eval = {}
+                if cfg.eval.every and (iteration + 1) % cfg.eval.every == 0 and iteration + 1 < cfg.iterations:
+                    eval_tic = time.time()
+                    with oom_hint(eval_oom):
+                        metrics, _ = evaluate(generator, reward, eval_set, desc="eval", **eval_kwargs)
+                    progress_eval = {"eval_isr": metrics["isr"], "eval_miou": metrics["miou"],
+                                     "eval_reward": metrics["reward"], "eval_seconds": time.time() - eval_tic}
                 entry = {
                     "iteration": iteration + 1,
                     **({"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())} if len(rewards) else {}),
@@ -199,8 +208,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     "invalid_samples": int((~valid).sum()),
                     "reward_errors": len(errors),
                     **stats,
+                    **progress_eval,
                     "rollout_seconds": rollout_seconds,
-                    "seconds": time.time() - tic,
+                    "seconds": time.time() - tic - progress_eval.get("eval_seconds", 0.0),  # training time only
                     **({"events": events} if events else {}),
                 }
                 metrics_file.write(json.dumps(entry) + "\n")

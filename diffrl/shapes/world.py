@@ -104,11 +104,11 @@ def sample_layouts(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     balanced: bool = False,
-    world: str = "classic",
+    world: str | BoxRules = "classic",
 ) -> list[Layout]:
-    """``n`` random layouts of ``world``'s box rules (`WORLDS`); the level is uniform over ``levels`` (round-robin
-    when ``balanced``)."""
-    rules = WORLDS[world]
+    """``n`` random layouts of ``world``'s box rules (a name in `WORLDS`, or rules of one's own); the level is uniform
+    over ``levels`` (round-robin when ``balanced``)."""
+    rules = WORLDS[world] if isinstance(world, str) else world
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
     colors, shapes = list(COLORS), list(SHAPES)
