@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "(classic: shapes-tiny's 7–19 px, apart; loose: 9–19 px, may touch)")
     pre.add_argument("--loose", type=float, default=0.0, metavar="M", help="condition on boxes grown by up to M × "
                      "their size per side, while the render fills the exact box (0: exact boxes)")
+    pre.add_argument("--mislabel", type=float, default=0.0, metavar="P", help="condition on phrases whose colour word "
+                     "is swapped for its look-alike with probability P, while the render keeps the true colour")
+    pre.add_argument("--shift", type=float, default=0.0, metavar="PX", help="condition on boxes moved PX grid cells "
+                     "right and down, while the render fills the exact box (0: exact boxes)")
     pre.add_argument("--dis-coef", type=float, metavar="λ_dis", help="weight of the IDC loss L_dis (needs --idm; "
                      "default 0.1 with it)")
 
@@ -282,7 +286,8 @@ def cmd_pretrain(args) -> int:
         raise UserError(f"--dis-coef: must be ≥ 0, got {args.dis_coef}")
     cfg = PretrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, levels=tuple(args.levels),
                          lr=args.lr, seed=args.seed, eval_every=args.eval_every, init=args.init, idm=args.idm,
-                         world=args.world, loose=args.loose, warmup=args.warmup,
+                         world=args.world, loose=args.loose, shift=args.shift, mislabel=args.mislabel,
+                         warmup=args.warmup,
                          **({"dis_coef": args.dis_coef} if args.dis_coef is not None else {}))
     print(f"saved generator to {pretrain(cfg)}")
     return 0

@@ -242,9 +242,11 @@ def load_yaml(path: str | Path) -> dict:
 
 # A learner's own defaults where the shared ones do not suit it: they sit between the global defaults and a user's
 # settings (YAML, flags, overrides), which win. The forward-process learners take many small Adam steps on a fresh
-# flow-matching loss, where the window learners take one accumulated step on a clipped surrogate.
+# flow-matching loss, where the window learners take one accumulated step on a clipped surrogate. AWM's negative
+# weights are unbounded (−A·‖v − v*‖² grows without limit), so it keeps a strong velocity KL; NFT's implicit negative
+# policy is bounded and keeps DiffusionNFT's 1e-4.
 LEARNER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "awm": {"algo.lr": 1e-4, "algo.accumulate": False},
+    "awm": {"algo.lr": 1e-4, "algo.accumulate": False, "forward.kl_coef": 1.0},
     "nft": {"algo.lr": 1e-4, "algo.accumulate": False},
 }
 

@@ -42,6 +42,7 @@ def load(name: str):
     return load_generator(name)
 
 
+@torch.no_grad()
 def best_of_n(generator, layouts, n: int, seed: int, num_steps: int = 10) -> dict:
     reward = ShapesReward()
     rewards, success, masks = [], [], []

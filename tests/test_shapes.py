@@ -158,3 +158,40 @@ def test_summary_counts_each_failure_at_the_first_check_it_fails():
     m = summarize([out], layouts)
     assert m["verdicts"] == {"ok": 2, "missed": 1, "wrong box": 1, "wrong attribute": 1}
     assert m["isr"] == pytest.approx(2 / 5)
+
+
+def test_the_loose_world_draws_larger_boxes_that_may_touch_and_the_classic_one_is_unchanged():
+    from diffrl.shapes.world import CLASSIC, LOOSE, _apart
+
+    def pairs(layouts):
+        return [(a, b) for layout in layouts for i, a in enumerate(layout.boxes) for b in layout.boxes[i + 1:]]
+
+    loose = sample_layouts(200, [2, 3, 4, 5, 6], seed=3, world="loose")
+    sides = [min(b[2] - b[0], b[3] - b[1]) * GRID for layout in loose for b in layout.boxes]
+    assert min(sides) >= LOOSE.min_side - 1e-6 > CLASSIC.min_side
+    grid = [[tuple(round(v * GRID) for v in box) for box in pair] for pair in pairs(loose)]
+    assert all(_apart(a, b, 0) for a, b in grid)  # never overlapping ...
+    assert any(not _apart(a, b, 1) for a, b in grid)  # ... but some share an edge, which the classic gap never allows
+    classic = sample_layouts(200, [2, 3, 4, 5, 6], seed=3)
+    grid = [[tuple(round(v * GRID) for v in box) for box in pair] for pair in pairs(classic)]
+    assert all(_apart(a, b, 1) for a, b in grid)
+    # the default world is the classic one, draw for draw (the held-out set of shapes-tiny's numbers)
+    assert [lay.boxes for lay in classic] == [lay.boxes for lay in sample_layouts(200, [2, 3, 4, 5, 6], seed=3,
+                                                                                  world=CLASSIC)]
+
+
+def test_loosen_and_mislabel_change_only_what_the_model_is_told():
+    from diffrl.shapes.world import CONFUSABLE, loosen, mislabel
+
+    layout = Layout("a red square", ["red square"], [(0.25, 0.25, 0.5, 0.75)])
+    g = torch.Generator().manual_seed(0)
+    (grown,) = loosen([layout], 0.2, g)
+    x0, y0, x1, y1 = grown.boxes[0]
+    m = (0.25 - x0) / 0.25  # the same m on every side, ≤ margin
+    assert 0 <= m <= 0.2 and abs((0.25 - y0) / 0.5 - m) < 1e-6 and abs((x1 - 0.5) / 0.25 - m) < 1e-6
+    (moved,) = loosen([layout], 0.0, g, shift=2)
+    assert moved.boxes[0] == pytest.approx((0.25 + 2 / GRID, 0.25 + 2 / GRID, 0.5 + 2 / GRID, 0.75 + 2 / GRID))
+    always = mislabel([layout] * 3, 1.0, g)
+    assert all(list(lay.phrases) == [f"{CONFUSABLE['red']} square"] and lay.boxes == layout.boxes for lay in always)
+    assert always[0].prompt == "a black square"
+    assert list(mislabel([layout], 0.0, g)[0].phrases) == ["red square"]

@@ -30,7 +30,7 @@ from diffrl.eval.evaluate import evaluate, held_out_layouts
 from diffrl.policies.backbones.tiny import build_tiny_generator
 from diffrl.policies.generator import load_generator
 from diffrl.rewards.shapes import ShapesReward
-from diffrl.shapes.world import loosen, render, sample_layouts
+from diffrl.shapes.world import loosen, mislabel, render, sample_layouts
 
 
 @dataclass
@@ -51,6 +51,8 @@ class PretrainConfig:
     dis_coef: float = 0.1  # λ_dis: weight of L_dis when idm (ignored without)
     world: str = "classic"  # box rules of the training and evaluation layouts (diffrl.shapes.world.WORLDS)
     loose: float = 0.0  # condition on boxes grown by up to this fraction of their size per side (0: exact boxes)
+    shift: float = 0.0  # condition on boxes moved by this many grid cells right and down (0: exact boxes)
+    mislabel: float = 0.0  # condition on phrases whose colour word is swapped for its look-alike with this probability
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
@@ -85,7 +87,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     for step in bar:
         layouts = sample_layouts(cfg.batch_size, list(cfg.levels), generator=data_rng, world=cfg.world)
         x0 = model.space.encode(render(layouts, size=model.space.image_size))
-        shown = loosen(layouts, cfg.loose, box_rng) if cfg.loose else layouts  # what the model is told
+        shown = loosen(layouts, cfg.loose, box_rng, cfg.shift) if cfg.loose or cfg.shift else layouts  # what it is told
+        shown = mislabel(shown, cfg.mislabel, box_rng) if cfg.mislabel else shown
         ldm = flow_matching_loss(model, x0, model.encode_layouts(shown), generator=noise_rng)
         dis = model.denoiser.adapter.last_dis if dis_coef else None  # of the same forward
         loss = ldm + dis_coef * dis if dis is not None else ldm

@@ -128,18 +128,40 @@ def sample_layouts(
     return layouts
 
 
-def loosen(layouts: Sequence[Layout], margin: float, generator: torch.Generator) -> list[Layout]:
-    """The same layouts with each box grown by m·(its width, its height) on every side, m ~ U[0, margin] per
-    instance, clipped to the canvas: the loose annotations a layout model is trained on when its boxes come from
-    a detector or a hurried annotator. The object still fills the *original* box in the paired render."""
+def loosen(layouts: Sequence[Layout], margin: float, generator: torch.Generator, shift: float = 0.0) -> list[Layout]:
+    """The same layouts as a careless annotator or a biased detector would box them, the boxes a layout model is
+    trained on when they come from such a source: each box grown by m·(its width, its height) on every side,
+    m ~ U[0, margin] per instance, then moved by ``shift`` grid cells right and down, clipped to the canvas. The
+    object still fills the *original* box in the paired render, so a model trained on these draws its objects
+    inside (``margin``) or up-left of (``shift``) the box it is given."""
     out = []
     for layout in layouts:
         boxes = []
         for x0, y0, x1, y1 in layout.boxes:
-            m = margin * torch.rand((), generator=generator).item()
-            dx, dy = m * (x1 - x0), m * (y1 - y0)
-            boxes.append((max(0.0, x0 - dx), max(0.0, y0 - dy), min(1.0, x1 + dx), min(1.0, y1 + dy)))
+            m = margin * torch.rand((), generator=generator).item() if margin else 0.0
+            dx, dy, s = m * (x1 - x0), m * (y1 - y0), shift / GRID
+            boxes.append((max(0.0, x0 - dx + s), max(0.0, y0 - dy + s), min(1.0, x1 + dx + s), min(1.0, y1 + dy + s)))
         out.append(Layout(layout.prompt, list(layout.phrases), boxes))
+    return out
+
+
+CONFUSABLE = {"yellow": "white", "white": "yellow", "green": "blue", "blue": "green", "red": "black", "black": "red"}
+
+
+def mislabel(layouts: Sequence[Layout], p: float, generator: torch.Generator) -> list[Layout]:
+    """The same layouts with each instance's colour word swapped, with probability ``p``, for its look-alike in
+    `CONFUSABLE`: the noisy captions a layout model is trained on when its phrases come from a captioner or a
+    hurried annotator. The paired render keeps the *true* colour, so a model trained on these draws the asked-for
+    colour only most of the time."""
+    out = []
+    for layout in layouts:
+        phrases = []
+        for phrase in layout.phrases:
+            color, shape = parse_phrase(phrase)
+            if torch.rand((), generator=generator).item() < p:
+                color = CONFUSABLE[color]
+            phrases.append(phrase_of(color, shape))
+        out.append(Layout(prompt_of(phrases), phrases, list(layout.boxes)))
     return out
 
 
