@@ -234,7 +234,7 @@ def resolve_model(name_or_path: str) -> Path:
         except Exception:  # noqa: BLE001  (not in the cache: say what to do)
             raise UserError(
                 f"--model {name_or_path}: its weights are not in the local Hugging Face cache and this machine cannot "
-                f"download them; run `huggingface-cli download {name_or_path}` where there is network (accept the "
+                f"download them; run `hf download {name_or_path}` where there is network (accept the "
                 "model's license on the hub first if it is gated), then pass --model /path/to/that/folder"
             ) from None
     raise UserError(
