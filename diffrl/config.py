@@ -35,7 +35,7 @@ class ModelConfig:
     dtype: str = option("float32", "weights and activations of the generator: float32, bfloat16 or float16 (log-probs are float32 always)")
     lora_rank: int = option(-1, "LoRA rank on the backbone (-1: 16 for real models such as SD3, off for shapes-tiny; 0: off)")
     lora_alpha: float = option(0.0, "LoRA alpha, the update scales by alpha/rank (0: alpha = rank)")
-    lora_targets: list = option([], "backbone modules LoRA adapts (names or suffixes; []: SD3's attention projections)")
+    lora_targets: list = option([], "backbone modules LoRA adapts (names or suffixes; []: the attention projections of SD3's and FLUX's blocks)")
     t5: bool = option(False, "SD3: load the T5-XXL text encoder too (off: its tokens are zeros, as diffusers does without it; saves ~9 GiB)")
     adapter: str = option("", "layout adapter checkpoint folder (config.json + model.safetensors) for a real model ('': a fresh one, gates 0)")
     idm: bool = option(False, "give the layout adapter I-DRUID's Instance-Disentangled Module if it has none (fresh: outputs unchanged until it trains); for algo.dis_coef")
