@@ -91,7 +91,11 @@ def test_prompt_encoding_matches_diffusers(flux_folder, one_thread):
         assert hidden.shape == (1, T5_TOKENS, 32) and ours_pooled.shape == (1, 32) and text_ids.shape == (T5_TOKENS, 3)
         torch.testing.assert_close(hidden, embeds)  # float32 defaults: within 1e-5 (measured: one element 1 ulp off)
         torch.testing.assert_close(ours_pooled, pooled)
-    adapter = generator.denoiser.adapter  # phrases are pooled CLIP; one fuser per double- and single-stream block
+    cond = generator.encode_layouts([Layout("a red square", ["blue circle"], [[0, 0, 1, 1]])])
+    assert "blue circle" not in generator.text._cache  # a phrase's (unused) T5 tokens are never computed or kept
+    _, blue_circle = generator.text.encode(["blue circle"])
+    torch.testing.assert_close(cond.phrase_embeds[0], blue_circle, rtol=0, atol=0)  # phrases: the pooled CLIP
+    adapter = generator.denoiser.adapter  # one fuser per double- and single-stream block
     assert adapter.config.phrase_dim == 32 == generator.text.pooled_dim and adapter.config.num_blocks == 3
     assert generator.latent_shape == (16, 16, 16) and generator.space.image_size == 32
 

@@ -35,6 +35,7 @@ Adapted from diffusers 0.42.1 ``pipelines/flux/pipeline_flux.py``:
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,7 @@ class FluxTextEncoder(TextEncoder):
         super().__init__(clip_tokenizer, nn.ModuleDict({"clip": clip, "t5": t5}), cache_size)
         self.t5_tokenizer = t5_tokenizer
         self.max_sequence_length = max_sequence_length  # T5 tokens per prompt (FluxPipeline's default: 512)
+        self._pooled_cache: OrderedDict[str, Tensor] = OrderedDict()  # phrase → pooled [P] (`encode_phrases`)
 
     @property
     def pooled_dim(self) -> int:
@@ -69,13 +71,30 @@ class FluxTextEncoder(TextEncoder):
 
     def encode_one(self, text: str) -> tuple[Tensor, Tensor]:
         """→ (T5 tokens [max_sequence_length, D_t5], CLIP pooled [P])."""
-        ids = self.tokenizer([text], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-                             return_tensors="pt").input_ids.to(self.device)
-        pooled = self.model["clip"](ids, output_hidden_states=False).pooler_output  # [1, P]
         ids = self.t5_tokenizer([text], padding="max_length", max_length=self.max_sequence_length, truncation=True,
                                 return_tensors="pt").input_ids.to(self.device)
         tokens = self.model["t5"](ids, output_hidden_states=False)[0]  # [1, L, D_t5]
-        return tokens[0], pooled[0]
+        return tokens[0], self.pooled_one(text)
+
+    def pooled_one(self, text: str) -> Tensor:
+        """CLIP's ``pooler_output`` [P] of one string."""
+        ids = self.tokenizer([text], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids.to(self.device)
+        return self.model["clip"](ids, output_hidden_states=False).pooler_output[0]
+
+    @torch.no_grad()
+    def encode_phrases(self, phrases) -> Tensor:
+        """Pooled CLIP [N, P] of instance phrases, in a cache of their own: a phrase's T5 tokens (512 × 4096 for
+        FLUX.1, 4 MiB in bf16) are never used, so they are neither computed nor kept."""
+        cache = self._pooled_cache
+        for text in dict.fromkeys(t for t in phrases if t not in cache):  # one string at a time, as `encode`
+            cache[text] = self.pooled_one(text)
+        pooled = torch.stack([cache[t] for t in phrases])
+        for t in phrases:
+            cache.move_to_end(t)
+        while len(cache) > self.cache_size:  # evict only after this batch is served
+            cache.popitem(last=False)
+        return pooled
 
 
 def pack(latents: Tensor) -> Tensor:
