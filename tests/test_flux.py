@@ -222,3 +222,26 @@ def test_missing_parts_say_what_to_download(flux_folder, tmp_path, capsys):
                  "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "model.resolution=30" in err and "multiple of 4" in err and len(err.splitlines()) == 1
+
+
+def test_resolution_sets_the_latent_grid_and_the_time_shift(flux_folder, tmp_path, capsys, one_thread):
+    """model.resolution=16: 8×8 latents, 16 packed tokens, mu of 16 tokens — still FluxPipeline's rollout at 16 px."""
+    from diffusers import FluxPipeline
+
+    from diffrl.eval.evaluate import generate
+    from diffrl.policies.backbones.flux import calculate_shift, load_flux_generator, pack
+
+    generator = load_flux_generator(flux_folder, resolution=16, max_sequence_length=T5_TOKENS)
+    assert generator.latent_shape == (16, 8, 8) and generator.space.image_size == 16
+    assert generator.sampler.mu == pytest.approx(calculate_shift(16)) and generator.sampler.mu != calculate_shift(64)
+    layout = Layout("a blue circle", ["blue circle"], [[0.2, 0.2, 0.9, 0.9]])
+    images = generate(generator, [layout], num_steps=2, seed=3, progress=False)
+    x_T = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(3))
+    theirs = FluxPipeline.from_pretrained(flux_folder)(layout.prompt, num_inference_steps=2, guidance_scale=1.0,
+                                                       latents=pack(x_T), height=16, width=16, output_type="pt",
+                                                       max_sequence_length=T5_TOKENS).images
+    torch.testing.assert_close(images, theirs, atol=1e-5, rtol=0)
+    capsys.readouterr()  # the pipeline's progress bars
+    assert main(["train", "model.resolution=64", "--out", str(tmp_path / "d"), "--quiet"]) == 2  # not a FLUX model
+    err = capsys.readouterr().err.strip()
+    assert "model.resolution" in err and "only FLUX" in err and len(err.splitlines()) == 1
