@@ -21,11 +21,12 @@ T5_TOKENS = 32  # max_sequence_length of the tiny tests (FluxPipeline's default 
 
 
 def t5_tokenizer(words):
-    """A T5 tokenizer made locally (no sentencepiece download): T5's layout — <pad> 0, </s> 1, <unk> 2, '▁' — with one
-    Unigram piece per word; it saves and loads back as a plain ``T5Tokenizer``."""
+    """A T5 tokenizer made locally (no sentencepiece download): T5's layout — <pad> 0, </s> 1, <unk> 2, '▁' — with
+    one Unigram piece per word; it saves and loads back as a plain ``T5Tokenizer``."""
     from transformers import T5Tokenizer
 
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [("▁" + w, -1.0) for w in dict.fromkeys(words)]
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab = specials + [("▁" + w, -1.0) for w in dict.fromkeys(words)]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
@@ -54,7 +55,8 @@ def build_tiny_flux(path, guidance_embeds: bool = True, seed: int = 0):
                           up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=16,
                           norm_num_groups=8, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
                           use_quant_conv=False, use_post_quant_conv=False),
-        text_encoder=CLIPTextModel(clip), tokenizer=tokenizer, text_encoder_2=T5EncoderModel(t5), tokenizer_2=tokenizer_2,
+        text_encoder=CLIPTextModel(clip), tokenizer=tokenizer,
+        text_encoder_2=T5EncoderModel(t5), tokenizer_2=tokenizer_2,
     )
     pipe.save_pretrained(path)
     return path
@@ -225,7 +227,7 @@ def test_missing_parts_say_what_to_download(flux_folder, tmp_path, capsys):
 
 
 def test_resolution_sets_the_latent_grid_and_the_time_shift(flux_folder, tmp_path, capsys, one_thread):
-    """model.resolution=16: 8×8 latents, 16 packed tokens, mu of 16 tokens — still FluxPipeline's rollout at 16 px."""
+    """model.resolution=16: 8×8 latents, 16 packed tokens, mu of 16 tokens — still FluxPipeline's rollout there."""
     from diffusers import FluxPipeline
 
     from diffrl.eval.evaluate import generate

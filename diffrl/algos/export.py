@@ -1,8 +1,9 @@
 """`diffrl export RUN --out DIR`: a run's trained weights in the formats plain diffusers loads.
 
     DIR/pytorch_lora_weights.safetensors   LoRA of the backbone: ``pipe.load_lora_weights(DIR)`` (SD3 / FLUX: written
-                                           by ``StableDiffusion3Pipeline`` / ``FluxPipeline.save_lora_weights`` from peft's
-                                           ``get_peft_model_state_dict``, with the LoRA config as metadata)
+                                           by ``StableDiffusion3Pipeline`` / ``FluxPipeline.save_lora_weights``
+                                           from peft's ``get_peft_model_state_dict``, with the LoRA config as
+                                           metadata)
     DIR/layout_adapter/                    the layout adapter: config.json + model.safetensors (``model.adapter``)
     DIR/README.md                          a model card: base model, reward, algorithm, the run's metrics
 A run without LoRA (the Shapes model, or ``policy.train=all`` with ``model.lora_rank=0``) exports its whole
@@ -61,7 +62,8 @@ def export_run(run: str | Path, out: str | Path) -> list[Path]:
         elif kind == FLUX_CLASS:
             from diffusers import FluxPipeline
 
-            FluxPipeline.save_lora_weights(out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
+            FluxPipeline.save_lora_weights(out, transformer_lora_layers=layers,
+                                           transformer_lora_adapter_metadata=metadata)
         else:
             from diffusers import StableDiffusionPipeline
 
@@ -119,9 +121,11 @@ def model_card(cfg: TrainConfig, run: Path, kind: str, lora: bool) -> str:
         lines += ["", f"{summary['eval_layouts']} held-out layouts; {summary['iterations']} iterations, "
                   f"{summary['wall_seconds']:.0f} s.", ""]
     if lora:
-        pipeline = {SD3_CLASS: "StableDiffusion3Pipeline", FLUX_CLASS: "FluxPipeline"}.get(kind, "StableDiffusionPipeline")
+        pipeline = {SD3_CLASS: "StableDiffusion3Pipeline", FLUX_CLASS: "FluxPipeline"}.get(kind,
+                                                                                            "StableDiffusionPipeline")
         lines += ["## Use", "", "```python", f"from diffusers import {pipeline}",
-                  f"pipe = {pipeline}.from_pretrained({base!r})", "pipe.load_lora_weights('path/to/this/folder')", "```", "",
+                  f"pipe = {pipeline}.from_pretrained({base!r})", "pipe.load_lora_weights('path/to/this/folder')",
+                  "```", "",
                   "The layout adapter (boxes → grounding) is in `layout_adapter/`; diffrl loads it with "
                   "`model.adapter=path/to/this/folder/layout_adapter`. Without it the LoRA alone is a prompt-only "
                   "fine-tune.", ""]
