@@ -297,7 +297,8 @@ def _dtype(name: str) -> torch.dtype:
 def build_generator(model_cfg, train: str = "all") -> LayoutGenerator:
     """The generator a run's ``model.*`` config describes (on the CPU; the caller moves it): loaded with its
     dtype / T5 / adapter options, LoRA on the backbone when ``lora_rank`` asks (``-1``: on for real models, off
-    for the Shapes model; never with ``train='adapter'``), guidance scale, gradient checkpointing."""
+    for the Shapes model; never with ``train='adapter'``), guidance scale (CFG; for FLUX the distilled guidance its
+    denoiser takes as input, `LayoutFlux.set_guidance`), gradient checkpointing."""
     from diffrl.policies.lora import add_lora, backbone_of
 
     generator = load_generator(model_cfg.name, dtype=model_cfg.dtype, t5=model_cfg.t5 or None,
