@@ -174,17 +174,24 @@ def write_layouts(path):
     return path
 
 
-@pytest.mark.parametrize("algo,extra", [  # every registered learner
-    ("ppo", []),
-    ("grpo", ["model.dtype=bfloat16", "model.gradient_checkpointing=true"]),
-    ("sft", []),
-])
-def test_train_export_and_load_in_plain_diffusers(flux_folder, tmp_path, algo, extra, one_thread):
+def registered_learners() -> list[str]:
+    import diffrl.algos.trainer  # noqa: F401  (registers every learner)
+    from diffrl.registry import ALGOS
+
+    return ALGOS.names()
+
+
+EXTRA = {"grpo": ["model.dtype=bfloat16", "model.gradient_checkpointing=true"]}
+
+
+@pytest.mark.parametrize("algo", registered_learners())  # every registered learner, whichever exist
+def test_train_export_and_load_in_plain_diffusers(flux_folder, tmp_path, algo, one_thread):
     from diffusers import FluxPipeline
 
     run = tmp_path / "run"
-    # SFT needs paired renders, which only the Shapes data has; the RL learners read a layouts file
-    data = ["env.levels=[2]"] if algo == "sft" else ["--data", str(write_layouts(tmp_path / "layouts.jsonl"))]
+    extra = EXTRA.get(algo, [])
+    # PPO and GRPO read a layouts file; the others train on the Shapes data (SFT needs its paired renders)
+    data = ["--data", str(write_layouts(tmp_path / "layouts.jsonl"))] if algo in ("ppo", "grpo") else ["env.levels=[2]"]
     assert main(["train", "--model", str(flux_folder), *data, "--algo", algo, "--iterations", "2", "--out", str(run),
                  "--reward", "shapes", "model.guidance_scale=3.5", *TINY, *extra]) == 0
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
