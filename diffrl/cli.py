@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--env", help=f"environment ({_names(ENVS)})")
     train.add_argument("--data", help=f"layouts: a dataset ({_names(DATASETS)}) or a .jsonl file")
     train.add_argument("--model", help=f"generator: {_names(MODELS)}, a local folder (a diffrl generator, or a "
-                       "diffusers SD3/SD3.5 or SD1.x pipeline) or a hub id already in the local HF cache")
+                       "diffusers SD3/SD3.5, FLUX.1 or SD1.x pipeline) or a hub id already in the local HF cache")
     train.add_argument("--reward", help=f"reward ({_names(REWARDS)}), or weighted parts: gdino=1,cycle=0.5")
     train.add_argument("--reward-model", metavar="DIR|HUB_ID", help=REWARD_MODEL_HELP)
     train.add_argument("--algo", help=f"learner ({_names(ALGOS)})")

@@ -35,11 +35,12 @@ class ModelConfig:
     dtype: str = option("float32", "weights and activations of the generator: float32, bfloat16 or float16 (log-probs are float32 always)")
     lora_rank: int = option(-1, "LoRA rank on the backbone (-1: 16 for real models such as SD3, off for shapes-tiny; 0: off)")
     lora_alpha: float = option(0.0, "LoRA alpha, the update scales by alpha/rank (0: alpha = rank)")
-    lora_targets: list = option([], "backbone modules LoRA adapts (names or suffixes; []: SD3's attention projections)")
+    lora_targets: list = option([], "backbone modules LoRA adapts (names or suffixes; []: the attention projections of SD3's and FLUX's blocks)")
     t5: bool = option(False, "SD3: load the T5-XXL text encoder too (off: its tokens are zeros, as diffusers does without it; saves ~9 GiB)")
     adapter: str = option("", "layout adapter checkpoint folder (config.json + model.safetensors) for a real model ('': a fresh one, gates 0)")
     idm: bool = option(False, "give the layout adapter I-DRUID's Instance-Disentangled Module if it has none (fresh: outputs unchanged until it trains); for algo.dis_coef")
-    guidance_scale: float = option(1.0, "classifier-free guidance scale s in rollout and training (1: off; SD3 samples at ~5–7)")
+    guidance_scale: float = option(1.0, "classifier-free guidance scale s in rollout and training (1: off; SD3 samples at ~5–7); FLUX.1-dev: its distilled guidance value, no CFG pass (3.5 in FluxPipeline)")
+    resolution: int = option(0, "FLUX: image side in pixels, a multiple of 16 (0: the VAE's sample_size, 1024 for FLUX.1)")
     gradient_checkpointing: bool = option(False, "recompute the backbone's activations in the backward pass (less memory, slower)")
 
 
@@ -299,6 +300,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"config model.lora_targets: a list of module names such as [to_q, to_k], got {m.lora_targets!r}")
     if m.guidance_scale < 1:
         raise UserError(f"config model.guidance_scale: must be ≥ 1 (1: no guidance), got {m.guidance_scale}")
+    if m.resolution < 0:
+        raise UserError(f"config model.resolution: image side in pixels, or 0 for the model's own; got {m.resolution}")
     if m.adapter and not (Path(m.adapter) / "config.json").is_file():
         raise UserError(f"config model.adapter {m.adapter}: no config.json there; pass a layout adapter folder "
                         "(as `diffrl export` writes under layout_adapter/)")

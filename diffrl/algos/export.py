@@ -1,8 +1,9 @@
 """`diffrl export RUN --out DIR`: a run's trained weights in the formats plain diffusers loads.
 
-    DIR/pytorch_lora_weights.safetensors   LoRA of the backbone: ``pipe.load_lora_weights(DIR)`` (SD3: written
-                                           by ``StableDiffusion3Pipeline.save_lora_weights`` from peft's
-                                           ``get_peft_model_state_dict``, with the LoRA config as metadata)
+    DIR/pytorch_lora_weights.safetensors   LoRA of the backbone: ``pipe.load_lora_weights(DIR)`` (SD3 / FLUX: written
+                                           by ``StableDiffusion3Pipeline`` / ``FluxPipeline.save_lora_weights``
+                                           from peft's ``get_peft_model_state_dict``, with the LoRA config as
+                                           metadata)
     DIR/layout_adapter/                    the layout adapter: config.json + model.safetensors (``model.adapter``)
     DIR/README.md                          a model card: base model, reward, algorithm, the run's metrics
 A run without LoRA (the Shapes model, or ``policy.train=all`` with ``model.lora_rank=0``) exports its whole
@@ -19,7 +20,8 @@ from safetensors.torch import load_file
 from diffrl.algos.checkpoint import latest_checkpoint
 from diffrl.config import TrainConfig, build_config, load_yaml
 from diffrl.errors import UserError
-from diffrl.policies.generator import CLASS_NAME, SD3_CLASS, LayoutGenerator, build_generator, read_index, resolve_model
+from diffrl.policies.generator import (CLASS_NAME, FLUX_CLASS, SD3_CLASS, LayoutGenerator, build_generator, read_index,
+                                      resolve_model)
 from diffrl.policies.lora import TrainableOnly, backbone_of, has_lora
 
 
@@ -57,6 +59,11 @@ def export_run(run: str | Path, out: str | Path) -> list[Path]:
 
             StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=layers,
                                                        transformer_lora_adapter_metadata=metadata)
+        elif kind == FLUX_CLASS:
+            from diffusers import FluxPipeline
+
+            FluxPipeline.save_lora_weights(out, transformer_lora_layers=layers,
+                                           transformer_lora_adapter_metadata=metadata)
         else:
             from diffusers import StableDiffusionPipeline
 
@@ -66,7 +73,7 @@ def export_run(run: str | Path, out: str | Path) -> list[Path]:
         generator.save_pretrained(out)
         written.append(out / "model_index.json")
     else:
-        name = "transformer" if kind == SD3_CLASS else "unet"
+        name = "transformer" if kind in (SD3_CLASS, FLUX_CLASS) else "unet"
         backbone_of(denoiser).save_pretrained(out / name)
         written.append(out / name)
     if getattr(denoiser, "adapter", None) is not None and kind != CLASS_NAME:
@@ -114,10 +121,11 @@ def model_card(cfg: TrainConfig, run: Path, kind: str, lora: bool) -> str:
         lines += ["", f"{summary['eval_layouts']} held-out layouts; {summary['iterations']} iterations, "
                   f"{summary['wall_seconds']:.0f} s.", ""]
     if lora:
-        lines += ["## Use", "", "```python", "from diffusers import StableDiffusion3Pipeline" if kind == SD3_CLASS
-                  else "from diffusers import StableDiffusionPipeline",
-                  f"pipe = {'StableDiffusion3Pipeline' if kind == SD3_CLASS else 'StableDiffusionPipeline'}"
-                  f".from_pretrained({base!r})", "pipe.load_lora_weights('path/to/this/folder')", "```", "",
+        pipeline = {SD3_CLASS: "StableDiffusion3Pipeline", FLUX_CLASS: "FluxPipeline"}.get(kind,
+                                                                                            "StableDiffusionPipeline")
+        lines += ["## Use", "", "```python", f"from diffusers import {pipeline}",
+                  f"pipe = {pipeline}.from_pretrained({base!r})", "pipe.load_lora_weights('path/to/this/folder')",
+                  "```", "",
                   "The layout adapter (boxes → grounding) is in `layout_adapter/`; diffrl loads it with "
                   "`model.adapter=path/to/this/folder/layout_adapter`. Without it the LoRA alone is a prompt-only "
                   "fine-tune.", ""]

@@ -11,7 +11,8 @@ On disk a generator is a folder in the diffusers layout, loaded through each par
 
 `load_generator` also takes a user's diffusers pipeline folder (or a hub id already in the local
 Hugging Face cache) and dispatches on its ``model_index.json`` ``_class_name``:
-``StableDiffusion3Pipeline`` → `diffrl.policies.backbones.sd3`, ``StableDiffusionPipeline`` /
+``StableDiffusion3Pipeline`` → `diffrl.policies.backbones.sd3`, ``FluxPipeline`` → `diffrl.policies.backbones.flux`,
+``StableDiffusionPipeline`` /
 ``StableDiffusionGLIGENPipeline`` → `diffrl.policies.backbones.unet`. `build_generator` adds what a run's
 ``model.*`` config asks for on top (LoRA, guidance, dtype, gradient checkpointing).
 
@@ -39,6 +40,7 @@ from diffrl.policies.text import Conditioning, TextEncoder
 
 CLASS_NAME = "diffrl.LayoutGenerator"
 SD3_CLASS = "StableDiffusion3Pipeline"
+FLUX_CLASS = "FluxPipeline"
 SD_CLASSES = ("StableDiffusionPipeline", "StableDiffusionGLIGENPipeline")
 
 
@@ -232,7 +234,7 @@ def resolve_model(name_or_path: str) -> Path:
         except Exception:  # noqa: BLE001  (not in the cache: say what to do)
             raise UserError(
                 f"--model {name_or_path}: its weights are not in the local Hugging Face cache and this machine cannot "
-                f"download them; run `huggingface-cli download {name_or_path}` where there is network (accept the "
+                f"download them; run `hf download {name_or_path}` where there is network (accept the "
                 "model's license on the hub first if it is gated), then pass --model /path/to/that/folder"
             ) from None
     raise UserError(
@@ -261,6 +263,9 @@ def load_generator(name_or_path: str, **options) -> LayoutGenerator:
     path = resolve_model(name_or_path)
     options = {k: v for k, v in options.items() if v is not None}
     kind = read_index(path).get("_class_name")
+    if "resolution" in options and kind != FLUX_CLASS:
+        raise UserError(f"config model.resolution: only FLUX folders take it; --model {name_or_path} is {kind!r}, "
+                        "set model.resolution=0")
     if kind == CLASS_NAME:
         generator = LayoutGenerator.from_pretrained(path)
         if options.get("dtype") not in (None, "float32"):
@@ -270,13 +275,17 @@ def load_generator(name_or_path: str, **options) -> LayoutGenerator:
         from diffrl.policies.backbones.sd3 import load_sd3_generator
 
         generator = load_sd3_generator(path, **options)
+    elif kind == FLUX_CLASS:
+        from diffrl.policies.backbones.flux import load_flux_generator
+
+        generator = load_flux_generator(path, **options)
     elif kind in SD_CLASSES:
         from diffrl.policies.backbones.unet import load_sd_generator
 
         generator = load_sd_generator(path, **options)
     else:
         raise UserError(f"--model {name_or_path}: model_index.json is for {kind!r}; diffrl loads {CLASS_NAME}, "
-                        f"{SD3_CLASS}, {', '.join(SD_CLASSES)}")
+                        f"{SD3_CLASS}, {FLUX_CLASS}, {', '.join(SD_CLASSES)}")
     generator.source = name_or_path
     return generator
 
@@ -288,13 +297,17 @@ def _dtype(name: str) -> torch.dtype:
 def build_generator(model_cfg, train: str = "all") -> LayoutGenerator:
     """The generator a run's ``model.*`` config describes (on the CPU; the caller moves it): loaded with its
     dtype / T5 / adapter options, LoRA on the backbone when ``lora_rank`` asks (``-1``: on for real models, off
-    for the Shapes model; never with ``train='adapter'``), guidance scale, gradient checkpointing."""
+    for the Shapes model; never with ``train='adapter'``), guidance scale (CFG; for FLUX the distilled guidance its
+    denoiser takes as input, `LayoutFlux.set_guidance`), gradient checkpointing."""
     from diffrl.policies.lora import add_lora, backbone_of
 
     generator = load_generator(model_cfg.name, dtype=model_cfg.dtype, t5=model_cfg.t5 or None,
-                               adapter=model_cfg.adapter or None)
+                               adapter=model_cfg.adapter or None, resolution=model_cfg.resolution or None)
     generator.text.cache_size = model_cfg.text_cache
-    generator.guidance_scale = model_cfg.guidance_scale
+    if hasattr(generator.denoiser, "set_guidance"):  # FLUX: distilled guidance is the model's input, no CFG pass
+        generator.denoiser.set_guidance(model_cfg.guidance_scale)
+    else:
+        generator.guidance_scale = model_cfg.guidance_scale
     if model_cfg.idm:
         adapter = getattr(generator.denoiser, "adapter", None)
         if adapter is None:

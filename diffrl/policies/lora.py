@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-# SD3's joint-attention projections (image and text streams), as diffusers' train_dreambooth_lora_sd3.py targets them
+# SD3's joint-attention projections (image and text streams), as diffusers' train_dreambooth_lora_sd3.py targets them;
+# as suffixes they also hit FLUX's: both streams of its double-stream blocks, to_q/k/v of its single-stream blocks
 
 
 def backbone_of(denoiser: nn.Module) -> nn.Module:

@@ -91,12 +91,16 @@ class TextEncoder:
             self._cache.popitem(last=False)
         return hidden, pooled
 
+    def encode_phrases(self, phrases: Sequence[str]) -> Tensor:
+        """Pooled embeddings [N, P] of instance phrases (a subclass may skip the token embeddings, FLUX's T5)."""
+        return self.encode(phrases)[1]
+
     def encode_layouts(self, layouts: Sequence[Layout]) -> Conditioning:
         """Prompt and phrase embeddings plus padded boxes for a batch of layouts."""
         prompt_embeds, pooled = self.encode([layout.prompt for layout in layouts])
         k = max(layout.n for layout in layouts)
         phrases = [p for layout in layouts for p in layout.phrases]
-        _, phrase_pooled = self.encode(phrases)
+        phrase_pooled = self.encode_phrases(phrases)
         n = len(layouts)
         phrase_embeds = phrase_pooled.new_zeros(n, k, phrase_pooled.shape[-1])
         boxes = torch.zeros(n, k, 4, device=phrase_pooled.device)
