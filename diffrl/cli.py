@@ -37,6 +37,27 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
+def add_serve_reward(sub) -> None:
+    """The ``serve-reward`` subcommand. It needs only `diffrl.rewards` (no torchrl, diffusers, Ray), so that a
+    reward's own environment can serve it; `main` builds it alone when the command line starts with it."""
+    import diffrl.rewards  # noqa: F401  (registers the rewards)
+    from diffrl.registry import REWARDS
+
+    sr = sub.add_parser("serve-reward", help="serve a reward over HTTP, for `--reward http://HOST:PORT/score` "
+                        "(a reward in its own process or environment)")
+    sr.add_argument("name", metavar="NAME", help=f"the reward ({_names(REWARDS)}), or weighted parts: gdino=1,cycle=0.5")
+    sr.add_argument("--reward-model", metavar="DIR|HUB_ID", help=REWARD_MODEL_HELP)
+    sr.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; the "
+                    "server has no authentication)")
+    sr.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one, printed)")
+    sr.add_argument("--device", default="cpu", help="where the reward scores: cpu, cuda, cuda:1 …")
+    sr.add_argument("--max-request-mb", type=float, default=64, help="largest request body in MiB; a larger one gets "
+                    "413 unread (default 64)")
+    sr.add_argument("--stop-after", type=float, default=0, metavar="SECONDS", help="stop serving after this long "
+                    "(default 0: until interrupted)")
+    sr.add_argument("--quiet", action="store_true", help="no line per request")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diffrl.config import field_help
     from diffrl.eval.readers import FORMATS
@@ -137,20 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", metavar="RUN", help="a run folder of `diffrl train`")
     ex.add_argument("--out", required=True, help="folder to write (must be new or empty)")
 
-    sr = sub.add_parser("serve-reward", help="serve a reward over HTTP, for `--reward http://HOST:PORT/score` "
-                        "(a reward in its own process or environment)")
-    sr.add_argument("name", metavar="NAME", help=f"the reward ({_names(REWARDS)}), or weighted parts: gdino=1,cycle=0.5")
-    sr.add_argument("--reward-model", metavar="DIR|HUB_ID", help=REWARD_MODEL_HELP)
-    sr.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; the "
-                    "server has no authentication)")
-    sr.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one, printed)")
-    sr.add_argument("--device", default="cpu", help="where the reward scores: cpu, cuda, cuda:1 …")
-    sr.add_argument("--max-request-mb", type=float, default=64, help="largest request body in MiB; a larger one gets "
-                    "413 unread (default 64)")
-    sr.add_argument("--stop-after", type=float, default=0, metavar="SECONDS", help="stop serving after this long "
-                    "(default 0: until interrupted)")
-    sr.add_argument("--quiet", action="store_true", help="no line per request")
-
+    add_serve_reward(sub)
     sub.add_parser("list", help="print every registry")
     return parser
 
@@ -318,12 +326,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve_reward(args) -> int:
+    from diffrl.registry import REWARDS
     from diffrl.rewards import build_reward
-    from diffrl.rewards.compose import is_url, parse_reward_spec
+    from diffrl.rewards.compose import is_url
     from diffrl.rewards.serve import is_loopback, make_server, serve
 
-    if any(is_url(name) for name, _ in parse_reward_spec(args.name)):
-        raise UserError(f"serve-reward {args.name}: serve a registered reward here, not another server's URL")
+    if any(is_url(part) or part.partition("=")[0].strip() == "http" for part in args.name.split(",")):
+        here = ", ".join(name for name in REWARDS.names() if name != "http")
+        raise UserError(f"serve-reward {args.name}: name a reward computed here ({here}), not a reward server")
     if args.max_request_mb <= 0 or args.stop_after < 0:
         raise UserError("--max-request-mb must be > 0 and --stop-after ≥ 0")
     reward = build_reward(args.name, args.reward_model)  # weights load (or fail in one line) before the port opens
@@ -372,7 +382,12 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "swe
 def main(argv: list[str] | None = None) -> int:
     tune_malloc()  # before the first tensor: keeps freed memory in the process (see diffrl.allocator)
     try:
-        parser = build_parser()
+        argv = sys.argv[1:] if argv is None else list(argv)
+        if argv[:1] == ["serve-reward"]:  # the rewards' imports only: a reward environment may lack the rest
+            parser = Parser(prog="diffrl")
+            add_serve_reward(parser.add_subparsers(dest="command", parser_class=Parser))
+        else:
+            parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         overrides = [e for e in extra if "=" in e and not e.startswith("-")]
         unknown = [e for e in extra if e not in overrides]
