@@ -58,7 +58,8 @@ from diffrl.rewards.guard import cat_outputs, error_line
 FORMATS = ("png", "safetensors")
 DTYPES = {name: getattr(torch, name) for name in ("float32", "float64", "float16", "bfloat16", "int64", "int32",
                                                   "int16", "int8", "uint8", "bool")}
-MAX_SIDE = 8192  # pixels per image side the server decodes at most (a small PNG can unpack to gigabytes)
+MAX_SIDE = 8192  # pixels per image side the server decodes at most (a small PNG can unpack to gigabytes) …
+MAX_PIXELS = 2**26  # … and pixels per request (64 images of 1024²: 0.8 GB as float32)
 
 
 class BadRequest(ValueError):
@@ -133,13 +134,17 @@ def _decode_pngs(items: Any) -> Tensor:
 
     if not isinstance(items, list):
         raise BadRequest('"images" must be a list of base64 PNG strings')
-    tensors = []
+    tensors, pixels = [], 0
     for i, text in enumerate(items):
         data = _b64(text, f"images[{i}]")
         try:
             with Image.open(io.BytesIO(data), formats=["PNG"]) as image:  # PNG only: no other decoder is exposed
+                pixels += image.size[0] * image.size[1]
                 if max(image.size) > MAX_SIDE:
                     raise BadRequest(f"images[{i}]: {image.size[0]}×{image.size[1]} pixels, over {MAX_SIDE} a side")
+                if pixels > MAX_PIXELS:
+                    raise BadRequest(f"images[:{i + 1}] hold over {MAX_PIXELS} pixels; send fewer images per request "
+                                     "(reward.http_batch)")
                 image.load()
                 array = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
                 tensors.append(array.view(image.size[1], image.size[0], 3).permute(2, 0, 1).float() / 255)
@@ -239,6 +244,8 @@ class HttpReward(Reward):
     def __call__(self, images: Tensor, layouts: Sequence[Layout]) -> RewardOutput:
         check_inputs(images, layouts)
         layouts = list(layouts)
+        if not layouts:
+            return RewardOutput(torch.zeros(0, device=images.device))
         outputs = [self._score(images[i: i + self.batch_size], layouts[i: i + self.batch_size])
                    for i in range(0, len(layouts), self.batch_size)]
         out = cat_outputs(outputs)

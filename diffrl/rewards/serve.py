@@ -12,8 +12,9 @@ are read in parallel threads and scored one at a time (a lock: a model is not as
 What it refuses, each with one line in ``{"error": ...}`` and without stopping:
 - a body over ``max_request_bytes`` (Content-Length is read first: 413, and the body is never read), a body
   without a Content-Length (411), one that ends early or stalls past ``read_timeout`` seconds (400 / 408);
-- not JSON, missing or extra fields, a bad layout, a truncated or non-PNG image, images of mixed sizes or an
-  image over 8192 pixels a side, a count of images that is not the count of layouts (400);
+- not JSON, missing or extra fields, a bad layout, a truncated or non-PNG image, images of mixed sizes, an
+  image over 8192 pixels a side or over 2²⁶ pixels in one request, a count of images that is not the count of
+  layouts (400);
 - a batch the reward raises on (422, with the reward's error line; GPU out-of-memory included).
 Nothing in a request is ever unpickled: images are PNG or safetensors, layouts JSON.
 """
