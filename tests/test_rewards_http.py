@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -202,6 +203,38 @@ def test_a_dead_server_marks_the_whole_batch_in_one_call_and_is_one_line_unguard
     assert len(errors) == 6 and all(is_unavailable(line) for line in errors)
     served.start()  # back on the same port: the same client scores again
     assert torch.equal(reward(images, layouts).rewards, ShapesReward()(images, layouts).rewards)
+
+
+class RaisesOnTriangles(ShapesReward):
+    def __call__(self, images, layouts):
+        if any(layout.phrases[0].endswith("triangle") for layout in layouts):
+            raise ValueError("detector crashed on this image")
+        return super().__call__(images, layouts)
+
+
+def test_a_reward_that_raises_on_the_server_marks_exactly_those_samples_as_in_process():
+    served = Served(RaisesOnTriangles())
+    try:
+        layouts = sample_layouts(8, [2, 3], seed=5)
+        bad = [layout.phrases[0].endswith("triangle") for layout in layouts]
+        assert 0 < sum(bad) < len(bad)  # the seed gives both
+        images = render(layouts, size=32)
+        guard = GuardedReward(HttpReward(served.url, image_format="safetensors"))
+        out = guard(images, layouts)
+        local = GuardedReward(RaisesOnTriangles())(images, layouts)
+        assert torch.equal(out.rewards.isnan(), torch.tensor(bad))
+        assert torch.equal(out.rewards.nan_to_num(), local.rewards.nan_to_num())
+        errors = guard.take_errors()
+        assert len(errors) == sum(bad) and not any(is_unavailable(line) for line in errors)
+        assert errors[0].endswith("HTTP 422: the reward raised on this batch: ValueError: detector crashed on this image")
+    finally:
+        served.stop()
+
+
+def test_the_docs_python_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "rewards_remote.md").read_text(), re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "docs/rewards_remote.md", "exec"), {})
 
 
 def small_config(tmp_path, **extra) -> str:
