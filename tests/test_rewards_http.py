@@ -94,7 +94,7 @@ def test_reward_specs_name_a_server_by_its_url():
     assert parse_reward_spec("http://127.0.0.1:8000/score") == [("http://127.0.0.1:8000/score", 1.0)]
     assert parse_reward_spec("shapes=1,https://rewards.lan/geneval=0.5") == [("shapes", 1.0),
                                                                             ("https://rewards.lan/geneval", 0.5)]
-    assert HttpReward("http://127.0.0.1:8000").url == "http://127.0.0.1:8000/score"  # the path defaults to /score
+    assert HttpReward("http://127.0.0.1:8000", check=False).url == "http://127.0.0.1:8000/score"  # path default /score
     for spec, message in (("http", "name the reward server by its URL"), ("http://:8000/score", "http://host:port/score"),
                           ("http://h:port/score", "http://host:port/score")):
         with pytest.raises(UserError, match=message):
@@ -182,8 +182,12 @@ def test_garbage_gets_a_4xx_and_the_next_good_request_is_served():
 
 def test_a_dead_server_marks_the_whole_batch_in_one_call_and_is_one_line_unguarded(served):
     url = served.url
+    with pytest.raises(UserError, match=r"is not a diffrl reward server: .* HTTP 404: no /elsewhere/health here"):
+        HttpReward(url.replace("/score", "/elsewhere/score"))  # something answers, but not a reward server
     served.stop()
-    reward = HttpReward(url, retries=2, backoff=0.05)
+    with pytest.raises(RewardUnavailable, match=r"did not answer after 2 tries"):  # built: asks /health at once
+        HttpReward(url, retries=1, backoff=0.05)
+    reward = HttpReward(url, retries=2, backoff=0.05, check=False)
     layouts = sample_layouts(6, [2], seed=0)
     images = render(layouts, size=16)
     with pytest.raises(RewardUnavailable, match=r"did not answer after 3 tries .*ConnectionRefusedError"):
@@ -196,7 +200,7 @@ def test_a_dead_server_marks_the_whole_batch_in_one_call_and_is_one_line_unguard
             Counted.calls += 1
             return super().__call__(images, layouts)
 
-    guard = GuardedReward(Counted(url, retries=2, backoff=0.05))
+    guard = GuardedReward(Counted(url, retries=2, backoff=0.05, check=False))
     out = guard(images, layouts)
     assert torch.isnan(out.rewards).all() and Counted.calls == 1  # no bisection: one round of retries for the batch
     errors = guard.take_errors()
@@ -279,8 +283,9 @@ def test_a_reward_server_killed_mid_run_leaves_the_run_going(tmp_path, saved_gen
 
 def test_a_reward_server_that_stays_down_stops_the_run_in_one_line_and_resume_finishes_it(
         tmp_path, saved_generator, monkeypatch, capsys, served, one_thread):
-    """Down from the first iteration: the run stops after reward.max_down_iterations=2 in one line naming --resume;
-    with the server back, --resume finishes the run. Down at the final evaluation: one line, and --resume again."""
+    """Down from the first iteration: the run stops after reward.max_down_iterations=2 in one line naming --resume.
+    Resumed while it is still down: one line before any work. Back, then gone again at the final evaluation: one
+    line saying the weights are saved; back again: --resume writes summary.json."""
     evaluate = trainer.evaluate
 
     def evaluate_then_stop(*args, **kwargs):  # the server goes down right after the base evaluation
@@ -300,13 +305,23 @@ def test_a_reward_server_that_stays_down_stops_the_run_in_one_line_and_resume_fi
     assert all(line.startswith("diffrl: iteration ") for line in err[:-1])
     assert not (run / "summary.json").exists()
 
-    # resumed after the last checkpoint: the final evaluation finds the server down too → one line, weights kept
-    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2  # still down: the client's /health check says so
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"diffrl: error: reward server {served.url} did not answer after 2"), err
+
+    def stop_then_evaluate(*args, **kwargs):  # back for the start, gone for the final evaluation
+        if kwargs.get("desc") == "eval final":
+            served.stop()
+        return evaluate(*args, **kwargs)
+
+    served.start()
+    monkeypatch.setattr(trainer, "evaluate", stop_then_evaluate)
     assert main(["train", "--resume", str(run), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("diffrl: error: final evaluation: reward server"), err
     assert f"--resume {run} evaluates them" in err[0]
     served.start()
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert json.loads((run / "summary.json").read_text())["final"]["reward"] > 0
 

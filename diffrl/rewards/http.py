@@ -21,7 +21,8 @@ is ever pickled, so a request can carry data but never code.
 The layouts are `Layout`'s JSONL fields. Rewards and info values that are NaN or ±inf are written as Python's
 ``json`` writes them (``NaN``, ``Infinity``); everything else is strict JSON.
 
-The client sends at most ``batch_size`` images per request, and halves a request that would pass the server's
+The client asks ``/health`` when it is built (a server that is not there fails before any work), sends at most
+``batch_size`` images per request, and halves a request that would pass the server's
 byte limit (read once from ``/health``). A request that cannot connect, times out, is dropped, or gets a 5xx is
 tried again after 0.5, 1, 2, … s (``retries`` times, ≤ 10 s each wait); after that `RewardUnavailable` is raised,
 which `GuardedReward` (training) turns into "every sample of this batch invalid, the run goes on" and which an
@@ -222,12 +223,14 @@ def check_url(url: str) -> str:
 class HttpReward(Reward):
     """The reward a `diffrl serve-reward` server at ``url`` computes. ``batch_size``: images per request;
     ``timeout``: seconds for one request's answer; ``retries``: further tries of a request that got no answer
-    or a 5xx, after 0.5, 1, 2, … s; ``image_format``: "png" (8-bit, portable) or "safetensors" (lossless)."""
+    or a 5xx, after 0.5, 1, 2, … s; ``image_format``: "png" (8-bit, portable) or "safetensors" (lossless).
+    ``check``: ask the server's /health now (with the same retries), so a server that is not there fails in one
+    line before any work rather than at the first batch."""
 
     name = "http"
 
     def __init__(self, url: str, batch_size: int = 32, timeout: float = 60.0, retries: int = 3,
-                 image_format: str = "png", backoff: float = 0.5):
+                 image_format: str = "png", backoff: float = 0.5, check: bool = True):
         self.url = check_url(url)
         if batch_size < 1 or timeout <= 0 or retries < 0 or backoff < 0:
             raise UserError(f"reward.http_batch ≥ 1, reward.http_timeout > 0, reward.http_retries ≥ 0; got "
@@ -239,7 +242,13 @@ class HttpReward(Reward):
         parts = urlsplit(self.url)
         self._connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         self._host, self._port, self._path = parts.hostname, parts.port, parts.path
+        self._health_path = parts.path.rsplit("/", 1)[0] + "/health"  # beside /score, also behind a path prefix
         self._limit: int | None = None  # the server's max_request_bytes, once /health has said it
+        if check:
+            try:
+                self._limit = self._health(self._call("GET", self._health_path, None))
+            except RuntimeError as err:  # it answered, with a 4xx
+                raise UserError(f"{self.url} is not a diffrl reward server: {err}") from None
 
     def __call__(self, images: Tensor, layouts: Sequence[Layout]) -> RewardOutput:
         check_inputs(images, layouts)
@@ -261,7 +270,7 @@ class HttpReward(Reward):
                                    + (" or use reward.http_format=png" if self.image_format != "png" else ""))
             half = len(layouts) // 2
             return cat_outputs([self._score(images[:half], layouts[:half]), self._score(images[half:], layouts[half:])])
-        data = self._post(body)
+        data = self._call("POST", self._path, body)
         try:
             return decode_response(data, len(layouts))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
@@ -277,25 +286,35 @@ class HttpReward(Reward):
         finally:
             connection.close()
 
+    def _health(self, data: bytes) -> int:
+        """The byte limit per request from a /health answer; a UserError if it is not a diffrl reward server's."""
+        try:
+            health = json.loads(data)
+            assert health["status"] == "ok"
+            return int(health["max_request_bytes"])
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise UserError(f"{self.url} is not a diffrl reward server: its {self._health_path} answered "
+                            f"{data[:80]!r}; start one with `diffrl serve-reward NAME`") from None
+
     def _server_limit(self) -> int | None:
         """The server's byte limit per request (asked once; None while it cannot be asked)."""
         if self._limit is None:
             try:
-                status, data = self._request("GET", "/health", None, min(self.timeout, 10.0))
+                status, data = self._request("GET", self._health_path, None, min(self.timeout, 10.0))
                 if status == 200:
-                    self._limit = int(json.loads(data)["max_request_bytes"])
-            except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
+                    self._limit = self._health(data)
+            except (OSError, http.client.HTTPException, UserError):
                 pass  # a server that is down is found out, and retried, by the request itself
         return self._limit
 
-    def _post(self, body: bytes) -> bytes:
-        """POST ``body``, retrying what may pass (no connection, a timeout, a 5xx); a 4xx raises at once."""
+    def _call(self, method: str, path: str, body: bytes | None) -> bytes:
+        """The answer to a request, retrying what may pass (no connection, a timeout, a 5xx); a 4xx raises at once."""
         start, last = time.monotonic(), ""
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(min(self.backoff * 2 ** (attempt - 1), 10.0))
             try:
-                status, data = self._request("POST", self._path, body, self.timeout)
+                status, data = self._request(method, path, body, self.timeout)
             except (OSError, http.client.HTTPException) as err:  # refused, reset, timed out, dropped mid-answer
                 last = error_line(err)
                 continue
