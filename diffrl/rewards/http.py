@@ -21,9 +21,9 @@ is ever pickled, so a request can carry data but never code.
 The layouts are `Layout`'s JSONL fields. Rewards and info values that are NaN or ±inf are written as Python's
 ``json`` writes them (``NaN``, ``Infinity``); everything else is strict JSON.
 
-The client asks ``/health`` when it is built (a server that is not there fails before any work), sends at most
-``batch_size`` images per request, and halves a request that would pass the server's
-byte limit (read once from ``/health``). A request that cannot connect, times out, is dropped, or gets a 5xx is
+The client asks ``/health`` when it is built (a server that is not there fails before any work, and the answer
+says the server's byte limit), sends at most ``batch_size`` images per request, and halves a request that would
+pass that limit. A request that cannot connect, times out, is dropped, or gets a 5xx is
 tried again after 0.5, 1, 2, … s (``retries`` times, ≤ 10 s each wait); after that `RewardUnavailable` is raised,
 which `GuardedReward` (training) turns into "every sample of this batch invalid, the run goes on" and which an
 unguarded caller (an evaluation) prints as one line. A 4xx is the request's fault and is not retried: it raises

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import sys
 import threading
 import time
@@ -76,6 +77,7 @@ class RewardHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         start = time.monotonic()
+        self._unread = True  # the body is still in the socket until read below
         if self.path != "/score":
             return self._send(404, {"error": f"no {self.path} here: POST /score, GET /health"})
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower() or self.headers.get("Content-Length") is None:
@@ -94,6 +96,7 @@ class RewardHandler(BaseHTTPRequestHandler):
             body = self.rfile.read(length)
         except TimeoutError:
             return self._send(408, {"error": f"the body did not arrive within {self.server.read_timeout:g} s"})
+        self._unread = False
         if len(body) < length:
             return self._send(400, {"error": f"the body ended after {len(body)} of {length} bytes"})
         try:
@@ -120,8 +123,23 @@ class RewardHandler(BaseHTTPRequestHandler):
                 self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(body)
+            self.wfile.flush()
+            if getattr(self, "_unread", False):
+                self._linger()
         except OSError:  # the client left before its answer: nothing to tell it
             self.close_connection = True
+
+    def _linger(self, max_bytes: int = 2**20, seconds: float = 0.5) -> None:
+        """Closing a socket with an unread body resets the connection, and the client may lose the answer just sent
+        (Apache's "lingering close"): say we are done writing, then drain a bounded amount for a bounded time."""
+        self.connection.shutdown(socket.SHUT_WR)
+        self.connection.settimeout(seconds)
+        deadline, drained = time.monotonic() + seconds, 0
+        while drained < max_bytes and time.monotonic() < deadline:
+            chunk = self.connection.recv(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
 
     def log_request(self, code="-", size="-") -> None:
         if not self.server.quiet:
