@@ -90,7 +90,7 @@ class RewardConfig:
     runtime_env: dict = option({}, "Ray runtime_env of the --reward-workers actors (pip, conda, env_vars, …), so a reward with its own dependencies runs beside the trainer ({}: the driver's environment)")
     http_batch: int = option(32, "--reward http://…: images per request to the reward server")
     http_timeout: float = option(60.0, "--reward http://…: seconds to wait for the answer to one request")
-    http_retries: int = option(3, "--reward http://…: tries again of a request that got no answer or a 5xx, after 0.5, 1, 2, … s; then its samples count invalid")
+    http_retries: int = option(3, "--reward http://…: how often a request that got no answer or a 5xx is tried again (after 0.5, 1, 2, … s) before its samples count invalid")
     http_format: str = option("png", "--reward http://…: how images travel: png (8-bit, portable) or safetensors (lossless float32)")
     max_down_iterations: int = option(10, "iterations in a row the reward may be unreachable on every sample (a reward server down) before the run stops; those iterations skip the update")
 

@@ -105,7 +105,10 @@ def build_reward(spec: str, model: str | None = None, http: Mapping | None = Non
     if not any(uses_grounder(name) for name, _ in parts):
         if model:
             detectors = ", ".join(name for name, cls in REWARDS.items() if cls.uses_grounder)
-            raise UserError(f"--reward-model is for rewards with a detector ({detectors}); --reward {spec} has none")
+            served = (" (a reward server loads its own: diffrl serve-reward NAME --reward-model …)"
+                      if any(is_url(name) for name, _ in parts) else "")
+            raise UserError(f"--reward-model is for rewards with a detector ({detectors}); --reward {spec} has none"
+                            + served)
         grounder = None
     else:
         grounder = make_grounder(model=model)

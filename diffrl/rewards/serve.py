@@ -108,7 +108,11 @@ class RewardHandler(BaseHTTPRequestHandler):
                 out = self.server.reward(images.to(self.server.device), layouts)
         except Exception as err:  # noqa: BLE001  (the reward's failure is this batch's answer, not the server's end)
             return self._send(422, {"error": f"the reward raised on this batch: {error_line(err)}"})
-        self._send(200, encode_response(out), note=f"{len(layouts)} images, {time.monotonic() - start:.2f} s")
+        try:
+            answer = encode_response(out)
+        except Exception as err:  # noqa: BLE001  (a reward whose output breaks the contract: say so, keep serving)
+            return self._send(500, {"error": f"the reward's output cannot be sent: {error_line(err)}"})
+        self._send(200, answer, note=f"{len(layouts)} images, {time.monotonic() - start:.2f} s")
 
     def _send(self, status: int, payload: dict | bytes, note: str = "") -> None:
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
