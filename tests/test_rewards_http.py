@@ -149,6 +149,7 @@ def test_garbage_gets_a_4xx_and_the_next_good_request_is_served():
         assert status == 200
         garbage = {
             "bad JSON": b'{"layouts": [',
+            "JSON nested too deep": b"[" * 100_000,
             "a pickle": pickle.dumps({"layouts": lay}),  # never unpickled: it is not JSON
             "a truncated PNG": json.dumps({"layouts": lay[:1], "images": [png_b64(images[0], cut=60)]}).encode(),
             "not base64": json.dumps({"layouts": lay[:1], "images": ["%%%"]}).encode(),

@@ -99,6 +99,8 @@ def decode_request(body: bytes) -> tuple[Tensor, list[Layout]]:
         request = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BadRequest(f"the body is not JSON ({err})") from None
+    except RecursionError:
+        raise BadRequest("the body is JSON nested too deep to read") from None
     if not isinstance(request, dict) or not isinstance(request.get("layouts"), list):
         raise BadRequest('expected a JSON object with "layouts": [...] and "images": [...] or "safetensors": "..."')
     unknown = set(request) - {"layouts", "images", "safetensors"}
