@@ -181,6 +181,20 @@ def test_garbage_gets_a_4xx_and_the_next_good_request_is_served():
         server.wait(timeout=30)
 
 
+def test_serve_reward_needs_only_what_the_rewards_import():
+    """A reward's own environment may lack torchrl, diffusers and Ray: serve-reward never imports them."""
+    code = ("import sys; from diffrl.cli import main; "
+            "main(['serve-reward', 'shapes', '--port', '0', '--stop-after', '0.2', '--quiet']); "
+            "print(sorted(m for m in ('torchrl', 'diffusers', 'transformers', 'ray', 'diffrl.algos', 'diffrl.envs', "
+            "'diffrl.policies') if m in sys.modules))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("serving reward shapes on http://127.0.0.1:"), lines
+    assert lines[1] == "[]"
+
+
 def test_a_dead_server_marks_the_whole_batch_in_one_call_and_is_one_line_unguarded(served):
     url = served.url
     with pytest.raises(UserError, match=r"is not a diffrl reward server: .* HTTP 404: no /elsewhere/health here"):
