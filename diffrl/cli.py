@@ -1,4 +1,4 @@
-"""The ``diffrl`` command: train, eval, pretrain, sweep, list.
+"""The ``diffrl`` command: train, eval, pretrain, sweep, export, serve-reward, list.
 
 Errors a user can cause (unknown name, bad layout file, bad config key, missing weights) print one
 line on stderr and exit with code 2; tracebacks are for diffrl's own bugs.
@@ -37,6 +37,27 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
+def add_serve_reward(sub) -> None:
+    """The ``serve-reward`` subcommand. It needs only `diffrl.rewards` (no torchrl, diffusers, Ray), so that a
+    reward's own environment can serve it; `main` builds it alone when the command line starts with it."""
+    import diffrl.rewards  # noqa: F401  (registers the rewards)
+    from diffrl.registry import REWARDS
+
+    sr = sub.add_parser("serve-reward", help="serve a reward over HTTP, for `--reward http://HOST:PORT/score` "
+                        "(a reward in its own process or environment)")
+    sr.add_argument("name", metavar="NAME", help=f"the reward ({_names(REWARDS)}), or weighted parts: gdino=1,cycle=0.5")
+    sr.add_argument("--reward-model", metavar="DIR|HUB_ID", help=REWARD_MODEL_HELP)
+    sr.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; the "
+                    "server has no authentication)")
+    sr.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one, printed)")
+    sr.add_argument("--device", default="cpu", help="where the reward scores: cpu, cuda, cuda:1 …")
+    sr.add_argument("--max-request-mb", type=float, default=64, help="largest request body in MiB; a larger one gets "
+                    "413 unread (default 64)")
+    sr.add_argument("--stop-after", type=float, default=0, metavar="SECONDS", help="stop serving after this long "
+                    "(default 0: until interrupted)")
+    sr.add_argument("--quiet", action="store_true", help="no line per request")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diffrl.config import TrainConfig, field_help
     from diffrl.eval.readers import FORMATS
@@ -44,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _registries()
     parser = Parser(prog="diffrl", description="RL fine-tuning of layout-to-image generators.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,pretrain,sweep,export,list}", parser_class=Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,pretrain,sweep,export,serve-reward,list}",
+                                parser_class=Parser)
 
     keys = "\n".join(f"  {key} = {default!r}  — {help}" for key, default, help in field_help())
     train = sub.add_parser(
@@ -56,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help=f"layouts: a dataset ({_names(DATASETS)}) or a .jsonl file")
     train.add_argument("--model", help=f"generator: {_names(MODELS)}, a local folder (a diffrl generator, or a "
                        "diffusers SD3/SD3.5, FLUX.1 or SD1.x pipeline) or a hub id already in the local HF cache")
-    train.add_argument("--reward", help=f"reward ({_names(REWARDS)}), or weighted parts: gdino=1,cycle=0.5")
+    train.add_argument("--reward", help=f"reward ({_names(REWARDS)}), weighted parts: gdino=1,cycle=0.5, or a reward "
+                       "server's URL: http://HOST:PORT/score (see `diffrl serve-reward`)")
     train.add_argument("--reward-model", metavar="DIR|HUB_ID", help=REWARD_MODEL_HELP)
     train.add_argument("--algo", help=f"learner ({_names(ALGOS)})")
     train.add_argument("--iterations", type=int, help="training iterations")
@@ -146,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", metavar="RUN", help="a run folder of `diffrl train`")
     ex.add_argument("--out", required=True, help="folder to write (must be new or empty)")
 
+    add_serve_reward(sub)
     sub.add_parser("list", help="print every registry")
     return parser
 
@@ -319,6 +343,28 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve_reward(args) -> int:
+    from diffrl.registry import REWARDS
+    from diffrl.rewards import build_reward
+    from diffrl.rewards.compose import is_url
+    from diffrl.rewards.serve import is_loopback, make_server, serve
+
+    if any(is_url(part) or part.partition("=")[0].strip() == "http" for part in args.name.split(",")):
+        here = ", ".join(name for name in REWARDS.names() if name != "http")
+        raise UserError(f"serve-reward {args.name}: name a reward computed here ({here}), not a reward server")
+    if args.max_request_mb <= 0 or args.stop_after < 0:
+        raise UserError("--max-request-mb must be > 0 and --stop-after ≥ 0")
+    reward = build_reward(args.name, args.reward_model)  # weights load (or fail in one line) before the port opens
+    server = make_server(reward, name=args.name, host=args.host, port=args.port, device=args.device,
+                         max_request_bytes=int(args.max_request_mb * 2**20), quiet=args.quiet)
+    if not is_loopback(args.host):
+        print(f"diffrl serve-reward: warning: listening on {args.host}, which other machines may reach; the server has "
+              "no authentication", file=sys.stderr)
+    print(f"serving reward {args.name} on {server.url} (GET /health); Ctrl-C stops", flush=True)
+    serve(server, args.stop_after)
+    return 0
+
+
 def cmd_list(args) -> int:
     for registry in _registries():
         print(f"{registry.kind} ({registry.flag}): {_names(registry)}")
@@ -348,13 +394,18 @@ def _summary_table(s: dict) -> str:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "sweep": cmd_sweep, "export": cmd_export,
-            "list": cmd_list}
+            "serve-reward": cmd_serve_reward, "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:
     tune_malloc()  # before the first tensor: keeps freed memory in the process (see diffrl.allocator)
     try:
-        parser = build_parser()
+        argv = sys.argv[1:] if argv is None else list(argv)
+        if argv[:1] == ["serve-reward"]:  # the rewards' imports only: a reward environment may lack the rest
+            parser = Parser(prog="diffrl")
+            add_serve_reward(parser.add_subparsers(dest="command", parser_class=Parser))
+        else:
+            parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         overrides = [e for e in extra if "=" in e and not e.startswith("-")]
         unknown = [e for e in extra if e not in overrides]

@@ -101,6 +101,12 @@ class ForwardConfig:
 class RewardConfig:
     name: str = option("shapes", "--reward: a reward name, or weighted parts such as gdino=1,cycle=0.5")
     model: str = option("", "--reward-model: gdino/cycle detector: folder, hub id or 'shapes' ('': grounding-dino-tiny)")
+    runtime_env: dict = option({}, "Ray runtime_env of the --reward-workers actors (pip, conda, env_vars, …), so a reward with its own dependencies runs beside the trainer ({}: the driver's environment)")
+    http_batch: int = option(32, "--reward http://…: images per request to the reward server")
+    http_timeout: float = option(60.0, "--reward http://…: seconds to wait for the answer to one request")
+    http_retries: int = option(3, "--reward http://…: how often a request that got no answer or a 5xx is tried again (after 0.5, 1, 2, … s) before its samples count invalid")
+    http_format: str = option("png", "--reward http://…: how images travel: png (8-bit, portable) or safetensors (lossless float32)")
+    max_down_iterations: int = option(10, "iterations in a row the reward may be unreachable on every sample (a reward server down) before the run stops; those iterations skip the update")
 
 
 @dataclass
@@ -177,6 +183,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         raise UserError(f"config {key}: expected a number, got {value!r}")
     if kind is str:
         return str(value)
+    if kind is dict:
+        if isinstance(value, dict):
+            return value
+        raise UserError(f"config {key}: expected a mapping, e.g. {key}={{env_vars: {{A: b}}}}, got {value!r}")
     if kind is list:
         if isinstance(value, list):
             return value
@@ -343,6 +353,15 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"{flag}: must be ≥ 0, got {value}")
     if r.worker_cpus <= 0 or r.reward_cpus <= 0:
         raise UserError("config ray.worker_cpus and ray.reward_cpus must be > 0 (fractions such as 0.5 are fine)")
+    w = cfg.reward
+    if w.http_batch < 1 or w.http_timeout <= 0 or w.http_retries < 0 or w.max_down_iterations < 1:
+        raise UserError("config reward.http_batch ≥ 1, reward.http_timeout > 0, reward.http_retries ≥ 0 and "
+                        f"reward.max_down_iterations ≥ 1; got {w.http_batch}, {w.http_timeout}, {w.http_retries}, "
+                        f"{w.max_down_iterations}")
+    if w.http_format not in ("png", "safetensors"):
+        raise UserError(f"config reward.http_format: 'png' or 'safetensors', got {w.http_format!r}")
+    if w.runtime_env and not r.reward_workers:
+        raise UserError("config reward.runtime_env: it is the environment of the reward actors; add --reward-workers N")
     if r.address and not (r.workers or r.reward_workers):
         raise UserError(f"--address {r.address}: nothing would run on the cluster; add --workers N and/or --reward-workers N")
 
@@ -397,6 +416,12 @@ def chunk_layouts(cfg: TrainConfig) -> int:
 def uses_ray(cfg: TrainConfig) -> bool:
     """Whether rollouts or rewards leave this process (else Ray is never imported)."""
     return cfg.ray.workers > 0 or cfg.ray.reward_workers > 0
+
+
+def http_options(cfg: TrainConfig) -> dict:
+    """The keywords of a ``--reward http://…`` client (`diffrl.rewards.http.HttpReward`) from ``reward.http_*``."""
+    r = cfg.reward
+    return dict(batch_size=r.http_batch, timeout=r.http_timeout, retries=r.http_retries, image_format=r.http_format)
 
 
 def save_yaml(cfg: TrainConfig, path: Path) -> None:

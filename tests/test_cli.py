@@ -57,14 +57,16 @@ def test_help_lists_valid_names_and_config_keys(capsys):
         main(["train", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for expected in ("learner (awm, grpo, nft, ppo, sft)", "reward (cycle, gdino, shapes)", "environment (layout)", "algo.kl_coef", "policy.window", "forward.nft_beta"):
+    for expected in ("learner (awm, grpo, nft, ppo, sft)", "reward (cycle, gdino, http, shapes)", "environment (layout)",
+                     "algo.kl_coef", "policy.window", "forward.nft_beta"):
         assert expected in out
 
 
 def test_list_prints_every_registry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for line in ("env (--env): layout", "reward (--reward): cycle, gdino, shapes", "algo (--algo): awm, grpo, nft, ppo, sft", "model (--model): shapes-loose, shapes-tiny"):
+    for line in ("env (--env): layout", "reward (--reward): cycle, gdino, http, shapes",
+                 "algo (--algo): awm, grpo, nft, ppo, sft", "model (--model): shapes-loose, shapes-tiny"):
         assert line in out
 
 

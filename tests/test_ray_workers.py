@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from diffrl.cli import main
-from diffrl.config import build_config
+from diffrl.config import build_config, parse_override
 from diffrl.distributed.ray_workers import RolloutPool, ScaleOut, check_address, chunk_seed, make_chunks
 from diffrl.errors import UserError
 from diffrl.policies.generator import load_generator
@@ -196,3 +196,20 @@ def test_a_hung_rollout_worker_is_replaced_after_chunk_timeout(tmp_path, saved_g
     assert len(got.events) == 1 and got.events[0].startswith("rollout worker 0 hung (no result for chunk 0 in 8 s); replaced it")
     rewards = got.rollout["next", "reward"][:, -1, 0]
     assert rewards.shape == (4,) and torch.isfinite(rewards).all() and (rewards > 0).all()
+
+
+class EnvProbe(ShapesReward):
+    """Rewards every sample with the number in $DIFFRL_PROBE (-1 where unset): what the actor's environment holds."""
+
+    def __call__(self, images, layouts):
+        return RewardOutput(torch.full((images.shape[0],), float(os.environ.get("DIFFRL_PROBE", "-1"))))
+
+
+def test_reward_runtime_env_reaches_the_reward_actors(saved_generator, ray_cluster):
+    cfg = build_config(overrides=[("model.name", str(saved_generator)), ("ray.reward_workers", 1),
+                                  ("ray.reward_cpus", 0.5),
+                                  parse_override("reward.runtime_env={env_vars: {DIFFRL_PROBE: '0.25'}}")])
+    layouts = sample_layouts(2, [2], seed=0)
+    with ScaleOut(cfg, load_generator(str(saved_generator)), torch.device("cpu"), reward_factory=EnvProbe) as scale:
+        assert scale.reward(torch.zeros(2, 3, 8, 8), layouts).rewards.tolist() == [0.25, 0.25]
+    assert "DIFFRL_PROBE" not in os.environ  # the actor's, not the driver's

@@ -67,7 +67,7 @@ def test_malformed_specs_are_one_line_with_an_example(spec, message):
 
 @pytest.mark.parametrize("spec", ["nope", "gdino=1,nope=0.5"])
 def test_unknown_part_is_the_registry_error_listing_valid_names(spec):
-    with pytest.raises(UnknownNameError, match=r"^unknown reward 'nope' for --reward; valid: cycle, gdino, shapes$"):
+    with pytest.raises(UnknownNameError, match=r"^unknown reward 'nope' for --reward; valid: cycle, gdino, http, shapes$"):
         parse_reward_spec(spec)
 
 

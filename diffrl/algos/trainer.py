@@ -13,8 +13,11 @@ Rollouts run in this process (the default: `LayoutEnv.rollout` on the learner's 
 with ``--workers N`` / ``--reward-workers N``, in chunks on Ray actors (`diffrl.distributed.ray_workers`),
 gathered in a fixed order into the same ``[B, T]`` rollout. Either way the reward is guarded
 (`GuardedReward`): samples whose reward is NaN/inf or raised are counted (``invalid_samples``,
-``reward_errors``), said in ``events`` and left out of the update. Every file a resume reads is written
-atomically, so ``--resume`` after a SIGKILL at any moment continues from the last complete checkpoint.
+``reward_errors``), said in ``events`` and left out of the update. A reward that cannot be reached for any sample
+of an iteration (a reward server down: `RewardUnavailable`) skips that update, and the run goes on, up to
+``reward.max_down_iterations`` iterations in a row; any other reward that raises on every sample stops it.
+Every file a resume reads is written atomically, so ``--resume`` after a SIGKILL at any moment continues from
+the last complete checkpoint.
 In one process with a fixed seed the continuation reproduces the uninterrupted run's metrics; bit for bit
 with ``model.text_cache=0`` (a cached text embedding keeps the last bits of the batch it was first encoded
 in, which a restarted process has not seen; with the cache, KL columns can differ in their last bits).
@@ -44,7 +47,7 @@ from diffrl.algos.checkpoint import (capture_rng, latest_checkpoint, load_checkp
 from diffrl.algos.forward import require_flow
 from diffrl.algos.learner import require_idm
 from diffrl.algos.sft import Paired
-from diffrl.config import (TrainConfig, chunk_layouts, is_forward_learner, rollout_window, save_yaml,
+from diffrl.config import (TrainConfig, chunk_layouts, http_options, is_forward_learner, rollout_window, save_yaml,
                            uses_paired_data, uses_ray)
 from diffrl.distributed.ray_workers import ScaleOut
 from diffrl.envs.datasets import make_source, shapes_world
@@ -58,7 +61,8 @@ from diffrl.policies.lora import LoraReference, has_lora
 from diffrl.policies.text import ConditionStore
 from diffrl.registry import ALGOS, ENVS
 from diffrl.rewards import build_reward
-from diffrl.rewards.guard import GuardedReward
+from diffrl.rewards.base import RewardUnavailable
+from diffrl.rewards.guard import GuardedReward, is_unavailable
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -114,7 +118,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.model.device)
     source = make_source(cfg.env.data, cfg.env.levels, seed=cfg.seed)
-    reward = build_reward(cfg.reward.name, cfg.reward.model or None) if not cfg.ray.reward_workers else None
+    reward = build_reward(cfg.reward.name, cfg.reward.model or None, http_options(cfg)) if not cfg.ray.reward_workers else None
     env_cls, algo_cls = ENVS.get(cfg.env.name), ALGOS.get(cfg.algo.name)
     with oom_hint(f"placing the generator on {device}: it needs a device with more free memory (--device)"):
         generator = build_generator(cfg.model, cfg.policy.train).to(device)
@@ -176,6 +180,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         writer = SummaryWriter(str(run / "tb"))
         bar = tqdm(range(start_iteration, cfg.iterations), desc=f"train {cfg.algo.name}", disable=not progress,
                    initial=start_iteration, total=cfg.iterations)
+        down = 0  # iterations in a row on which the reward could not be reached for any sample
         with open(run / "metrics.jsonl", "a") as metrics_file:
             for iteration in bar:
                 tic = time.time()
@@ -227,10 +232,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     save_checkpoint(checkpoints, iteration + 1, learner.trainable_modules(), learner.optimizer, rng)
                     atomic_write_text(run / "base.json", json.dumps(
                         {**base, "wall_seconds_so_far": wall_before + time.time() - started_run}, indent=2) + "\n")
+                down = down + 1 if _reward_down(errors, len(valid)) else 0
+                if down >= cfg.reward.max_down_iterations:
+                    raise UserError(f"iterations {iteration + 2 - down}–{iteration + 1}: the reward was unreachable on "
+                                    f"every sample (reward.max_down_iterations={down}; {errors[0]}); bring it back and "
+                                    f"continue with --resume {run}")
         writer.close()
 
         with oom_hint(eval_oom):
-            final, final_images = evaluate(generator, reward, eval_set, desc="eval final", **eval_kwargs)
+            try:
+                final, final_images = evaluate(generator, reward, eval_set, desc="eval final", **eval_kwargs)
+            except RewardUnavailable as err:
+                raise UserError(f"final evaluation: {err}; the trained weights are saved: once the reward is back, "
+                                f"--resume {run} evaluates them and writes summary.json") from None
         save_grid(run / "samples_after.png", final_images[: cfg.eval.grid], eval_set[: cfg.eval.grid])
         summary = {
             "base": base,
@@ -250,7 +264,7 @@ def _drop_invalid(rollout, errors: list[str], events: list[str], iteration: int)
     valid = torch.isfinite(rewards)
     invalid = int((~valid).sum())
     if errors:
-        if len(errors) == len(valid):  # not a sample's problem: the reward itself is broken
+        if len(errors) == len(valid) and not _reward_down(errors, len(valid)):  # the reward itself is broken
             raise RuntimeError(f"the reward raised on every sample of iteration {iteration + 1}: {errors[0]}")
         events.append(f"the reward raised on {len(errors)} sample(s), left out of the update: {errors[0]}")
     if invalid > len(errors):
@@ -260,6 +274,12 @@ def _drop_invalid(rollout, errors: list[str], events: list[str], iteration: int)
     if invalid == len(valid):
         events.append("no sample left to learn from: this iteration's update was skipped")
     return rollout[valid], rewards[valid], valid
+
+
+def _reward_down(errors: list[str], samples: int) -> bool:
+    """Could the reward not be reached for any of the iteration's samples (its server down: `RewardUnavailable`)?
+    Such an iteration skips its update and the run goes on, up to ``reward.max_down_iterations`` in a row."""
+    return len(errors) == samples and all(is_unavailable(line) for line in errors)
 
 
 def _reward_logs(info: dict[str, torch.Tensor], valid: torch.Tensor) -> dict[str, float]:

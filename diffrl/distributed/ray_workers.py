@@ -50,7 +50,7 @@ import torch
 from tensordict import TensorDictBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from diffrl.config import TrainConfig, chunk_layouts, is_forward_learner, rollout_window
+from diffrl.config import TrainConfig, chunk_layouts, http_options, is_forward_learner, rollout_window
 from diffrl.envs.layout_env import LayoutEnv
 from diffrl.errors import UserError
 from diffrl.layout import Layout
@@ -455,14 +455,15 @@ class ScaleOut:
         self.chunk_layouts = chunk_layouts(cfg)
         self.reward: RemoteReward | None = None
         self.rollouts: RolloutPool | LocalRollouts | None = None
-        factory = reward_factory or partial(build_reward, cfg.reward.name, cfg.reward.model or None)
+        factory = reward_factory or partial(build_reward, cfg.reward.name, cfg.reward.model or None, http_options(cfg))
         self.owns_ray = start_ray(cfg)
         try:
             check_resources(cfg)
             r = cfg.ray
             if r.reward_workers:
                 self.reward = RemoteReward(factory, actors=r.reward_workers, num_cpus=r.reward_cpus,
-                                           num_gpus=r.reward_gpus, max_restarts=r.max_restarts)
+                                           num_gpus=r.reward_gpus, max_restarts=r.max_restarts,
+                                           runtime_env=cfg.reward.runtime_env)
             if r.workers:
                 self.rollouts = RolloutPool(cfg, None if self.reward else factory)
             else:

@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffrl.errors import UserError
 from diffrl.layout import Layout
+
+
+class RewardUnavailable(UserError):
+    """The reward could not be reached at all (its server down after the retries): no sample's fault.
+    `GuardedReward` marks the whole batch invalid at once instead of bisecting it; the trainer goes on for up
+    to ``reward.max_down_iterations`` iterations in a row of it. Unguarded (an evaluation) it is one line."""
 
 
 @dataclass

@@ -6,7 +6,10 @@ single samples, so only the samples it truly fails on get a NaN reward (the fail
 about 2·f·log₂B calls for f failures; a reward that works costs exactly one call, and its output is
 passed through untouched). The caller reads ``~isfinite(rewards)`` as "exclude this sample" and
 `GuardedReward.take_errors` for what went wrong. GPU out-of-memory is never swallowed: it is about
-the batch, not the sample, and the run must stop and say which knob to lower.
+the batch, not the sample, and the run must stop and say which knob to lower. A reward that cannot be
+reached at all (`RewardUnavailable`: a reward server down after its retries) is not bisected either:
+every sample of the batch is marked at once, each with that error line (`is_unavailable` tells them apart),
+so a dead server costs one round of retries per batch, not one per sample.
 
 `cat_outputs` joins reward outputs of consecutive batches (a bisection's halves, an iteration's
 chunks): rewards are concatenated, per-instance ``info`` tensors ``[B, K, ...]`` padded along K with
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor
 
 from diffrl.layout import Layout
-from diffrl.rewards.base import Reward, RewardOutput
+from diffrl.rewards.base import Reward, RewardOutput, RewardUnavailable
 
 
 def cat_outputs(outputs: Sequence[RewardOutput]) -> RewardOutput:
@@ -51,6 +54,16 @@ def cat_outputs(outputs: Sequence[RewardOutput]) -> RewardOutput:
     return RewardOutput(rewards, info)
 
 
+def error_line(err: BaseException) -> str:
+    """The one line a failed sample is reported with: ``"<ExceptionType>: <first line of its message>"``."""
+    return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+def is_unavailable(line: str) -> bool:
+    """Is this error line (of `GuardedReward.take_errors`) a reward that could not be reached at all?"""
+    return line.startswith(f"{RewardUnavailable.__name__}:")
+
+
 class GuardedReward(Reward):
     """``reward`` with failing samples marked (reward NaN) instead of failing the batch."""
 
@@ -67,9 +80,12 @@ class GuardedReward(Reward):
             out = self.reward(images, layouts)
         except torch.OutOfMemoryError:
             raise
+        except RewardUnavailable as err:  # the reward is down, not wrong about a sample: mark the batch at once
+            self._errors += [error_line(err)] * len(layouts)
+            return RewardOutput(torch.full((len(layouts),), math.nan, device=images.device))
         except Exception as err:  # noqa: BLE001  (any failure of one sample is that sample's, not the run's)
             if len(layouts) == 1:
-                self._errors.append(f"{type(err).__name__}: {err}".splitlines()[0])
+                self._errors.append(error_line(err))
                 return RewardOutput(torch.full((1,), math.nan, device=images.device))
             half = len(layouts) // 2
             return cat_outputs([self._score(images[:half], layouts[:half]), self._score(images[half:], layouts[half:])])

@@ -13,8 +13,9 @@ batches while the caller goes on with other work.
 
 ``reward_factory`` is any picklable callable that builds the reward inside the actor (weights load there,
 on the actor's device: ``cuda`` when it has a GPU, else the CPU), so the detector and the generator need
-not share a device. Inside the actor the reward is a `GuardedReward`: a sample it raises on comes back
-with a NaN reward and its error line in `Scored.errors`, never as a failed batch. Batches go to the
+not share a device, nor an environment: ``runtime_env`` (Ray's: pip / conda packages, env_vars, working_dir)
+gives the actors their own dependencies. Inside the actor the reward is a `GuardedReward`: a sample it raises
+on comes back with a NaN reward and its error line in `Scored.errors`, never as a failed batch. Batches go to the
 actors in turn (round-robin); an actor that dies (process killed, node lost) is replaced by a fresh one
 and its batch scored again, up to ``max_restarts`` times per batch, each replacement logged in `events`.
 
@@ -106,12 +107,14 @@ def first_line(err: BaseException) -> str:
 
 class RemoteReward(Reward):
     """``actors`` Ray actors, each with its own copy of ``reward_factory()`` on its own device
-    (``device`` None: cuda when the actor has a GPU, else cpu)."""
+    (``device`` None: cuda when the actor has a GPU, else cpu), in Ray's ``runtime_env`` when given (pip or
+    conda packages, env_vars, …: ``reward.runtime_env``)."""
 
     name = "remote"
 
     def __init__(self, reward_factory: Callable[[], Reward], *, actors: int = 1, num_cpus: float = 1.0,
-                 num_gpus: float = 0.0, device: str | None = None, max_restarts: int = 3):
+                 num_gpus: float = 0.0, device: str | None = None, max_restarts: int = 3,
+                 runtime_env: dict | None = None):
         import ray
 
         if actors < 1:
@@ -122,7 +125,8 @@ class RemoteReward(Reward):
         self.events: list[str] = []  # one line per replaced actor, for the caller to log (take_events)
         self.errors: list[str] = []  # per-sample error lines of the batches scored through __call__
         self.restarts = 0
-        self._cls = ray.remote(RewardServer).options(num_cpus=num_cpus, num_gpus=num_gpus)
+        self._cls = ray.remote(RewardServer).options(num_cpus=num_cpus, num_gpus=num_gpus,
+                                                     **({"runtime_env": runtime_env} if runtime_env else {}))
         self._device = device or ("cuda" if num_gpus > 0 else "cpu")
         self._handles = [self._start() for _ in range(actors)]
         self._generation = [0] * actors
