@@ -87,11 +87,14 @@ class AlgoConfig:
 class RewardConfig:
     name: str = option("shapes", "--reward: a reward name, or weighted parts such as gdino=1,cycle=0.5")
     model: str = option("", "--reward-model: gdino/cycle detector: folder, hub id or 'shapes' ('': grounding-dino-tiny)")
+    options: dict = option({}, "keyword arguments of the reward's constructor, e.g. reward.options.distance=giou (weighted parts: reward.options.<part>.key=value)")
 
 
 @dataclass
 class EvalConfig:
-    layouts: int = option(250, "held-out layouts for the base/final evaluation (spread evenly over levels)")
+    data: str = option("", "layouts of the base/final evaluation: '' (the training data's: Shapes' held-out set, or a held-out part of a --data file), shapes, or a file of layouts (JSONL, COCO-MIG, LayoutSAM)")
+    holdout: float = option(0.1, "fraction of a --data file held out of training for the evaluation (at least 1 layout, at most eval.layouts; 0: evaluate on training layouts)")
+    layouts: int = option(250, "held-out layouts for the base/final evaluation (Shapes: spread evenly over levels; a --data file: at most this many held out)")
     levels: list = option([2, 3, 4, 5, 6], "levels of the held-out set")
     seed: int = option(1234, "seed of the held-out set and of its initial noise")
     batch_size: int = option(125, "images per evaluation batch")
@@ -161,6 +164,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         raise UserError(f"config {key}: expected a number, got {value!r}")
     if kind is str:
         return str(value)
+    if kind is dict:
+        if isinstance(value, dict):
+            return value
+        raise UserError(f"config {key}: expected a mapping (in YAML, or {key}.name=value on the command line), "
+                        f"got {value!r}")
     if kind is list:
         if isinstance(value, list):
             return value
@@ -187,12 +195,25 @@ def set_value(cfg, key: str, value: Any) -> None:
                     raise UserError(f"config {key}: expected a mapping of its fields")
                 for sub, sub_value in value.items():
                     set_value(cfg, f"{key}.{sub}", sub_value)
+            elif isinstance(getattr(target, part), dict):  # a free-form mapping: merged, so overrides add keys
+                getattr(target, part).update(_coerce(key, value, annotation))
             else:
                 setattr(target, part, _coerce(key, value, annotation))
+        elif isinstance(getattr(target, part), dict):  # section.mapping.key[.key…]=value sets inside the mapping
+            _set_nested(getattr(target, part), parts[i + 1:], value)
+            return
         else:
             target = getattr(target, part)
             if not dataclasses.is_dataclass(target):
                 raise UserError(f"unknown config key {key!r}: {'.'.join(parts[: i + 1])} has no fields")
+
+
+def _set_nested(mapping: dict, keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        if not isinstance(mapping.get(key), dict):
+            mapping[key] = {}
+        mapping = mapping[key]
+    mapping[keys[-1]] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -282,6 +303,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("config algo.ldm_coef / --algo sft need paired images; only --data shapes renders them so far")
     if cfg.algo.group_scale not in ("group", "batch"):
         raise UserError(f"config algo.group_scale: 'group' or 'batch', got {cfg.algo.group_scale!r}")
+    if not 0 <= cfg.eval.holdout < 1:
+        raise UserError(f"config eval.holdout: a fraction in [0, 1), got {cfg.eval.holdout}")
     if cfg.algo.log_prob_reduce not in ("sum", "mean"):
         raise UserError(f"config algo.log_prob_reduce: 'sum' or 'mean', got {cfg.algo.log_prob_reduce!r}")
     r = cfg.ray

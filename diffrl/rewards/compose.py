@@ -7,12 +7,21 @@ info under ``<name>/<key>``. So a composite can stand wherever one reward is rea
 train ISR, the evaluator's ISR / mIoU), the per-instance verdicts of its first part that has them
 (``iou``, ``success``, ``color_ok``, ``shape_ok``, ``instance_mask``) are also given unprefixed.
 `build_reward` gives the parts that need a detector (gdino, cycle) one shared grounder.
+
+A name is a registered reward (``diffrl list``), a reward another package announces under the entry-point group
+``diffrl.rewards`` (``[project.entry-points."diffrl.rewards"] myreward = "mypkg.rewards:MyReward"``), or
+``package.module:ClassName`` of any importable module (`reward_class`). ``options`` (``reward.options`` in the
+config) are keyword arguments for the reward's constructor: for one reward its own, for weighted parts a mapping
+part name → that part's options.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
-from typing import Mapping, Sequence
+from importlib.metadata import entry_points
+from typing import Any, Mapping, Sequence
 
 from torch import Tensor
 
@@ -27,6 +36,57 @@ from diffrl.rewards.grounder import make_grounder
 
 VERDICTS = ("iou", "success", "color_ok", "shape_ok", "instance_mask")
 EXAMPLE = "e.g. --reward gdino or --reward gdino=1,cycle=0.5"
+ENTRY_POINTS = "diffrl.rewards"  # the entry-point group other packages announce their rewards under
+
+
+def reward_class(name: str) -> type[Reward]:
+    """The class ``--reward NAME`` means: a registered name, an entry point of the group ``diffrl.rewards``, or
+    ``package.module:ClassName`` (imported, checked to be a `Reward`, not built). Anything else is a UserError."""
+    name = name.strip()
+    if name in REWARDS:
+        return REWARDS.get(name)
+    if ":" in name:
+        module_name, _, class_name = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise UserError(f"--reward {name}: cannot import {module_name} ({err}); put its folder on PYTHONPATH or "
+                            "pip install its package") from None
+        cls = getattr(module, class_name, None)
+        if cls is None:
+            raise UserError(f"--reward {name}: module {module_name} has no {class_name!r}")
+        return _check_reward_class(name, cls)
+    found = [ep for ep in entry_points(group=ENTRY_POINTS) if ep.name == name]
+    if found:
+        try:
+            cls = found[0].load()
+        except ImportError as err:
+            raise UserError(f"--reward {name}: its entry point {found[0].value} cannot be imported ({err})") from None
+        return _check_reward_class(name, cls)
+    REWARDS.get(name)  # raises the registry's one line: unknown name, the valid ones
+    raise AssertionError("unreachable")
+
+
+def _check_reward_class(name: str, cls: Any) -> type[Reward]:
+    if not (isinstance(cls, type) and issubclass(cls, Reward)):
+        raise UserError(f"--reward {name}: {cls!r} is not a subclass of diffrl.rewards.Reward (see its docstring for "
+                        "the contract: __call__(images, layouts) -> RewardOutput)")
+    return cls
+
+
+def construct(name: str, cls: type[Reward], options: Mapping[str, Any], grounder: Any = None) -> Reward:
+    """``cls(**options)`` (plus the shared ``grounder`` for a reward that takes one); options its constructor does
+    not take are a UserError naming them and the ones it does take."""
+    kwargs = dict(options)
+    if cls.uses_grounder and "grounder" not in kwargs and "model" not in kwargs:
+        kwargs["grounder"] = grounder
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as err:
+        params = [p for p in inspect.signature(cls).parameters if p not in ("self", "grounder")]
+        raise UserError(f"reward.options for {name}: {err}; its constructor takes {', '.join(params) or 'nothing'}") \
+            from None
+    return cls(**kwargs)
 
 
 class CompositeReward(Reward):
@@ -53,9 +113,9 @@ class CompositeReward(Reward):
 
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
     """``"gdino"`` → [("gdino", 1.0)]; ``"gdino=1,cycle=0.5"`` → [("gdino", 1.0), ("cycle", 0.5)].
-    Checks every name against the registry and loads nothing."""
+    Checks every name (`reward_class`: registered, an entry point or module:Class) and builds nothing."""
     if "=" not in spec and "," not in spec:
-        REWARDS.get(spec.strip())
+        reward_class(spec)
         return [(spec.strip(), 1.0)]
     parts = []
     for text in spec.split(","):
@@ -67,18 +127,29 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
         if not name or not math.isfinite(value):
             raise UserError(f"--reward {spec!r}: part {text.strip()!r} must be name=weight, the weight a number; "
                             f"{EXAMPLE}")
-        REWARDS.get(name)
+        reward_class(name)
         if name in dict(parts):
             raise UserError(f"--reward {spec!r}: {name} appears twice; give each part once, {EXAMPLE}")
         parts.append((name, value))
     return parts
 
 
-def build_reward(spec: str, model: str | None = None) -> Reward:
+def build_reward(spec: str, model: str | None = None, options: Mapping[str, Any] | None = None) -> Reward:
     """The reward a ``--reward`` spec names. Its parts that score through a grounder (gdino, cycle) share
-    one, loaded from ``model`` (``--reward-model``): a hub id, a local folder, or "shapes"."""
+    one, loaded from ``model`` (``--reward-model``): a hub id, a local folder, or "shapes". ``options``: the
+    constructor's keyword arguments (for weighted parts: part name → its options; module docstring)."""
     parts = parse_reward_spec(spec)
-    if not any(REWARDS.get(name).uses_grounder for name, _ in parts):
+    classes = {name: reward_class(name) for name, _ in parts}
+    options = dict(options or {})
+    composite = "=" in spec
+    if composite:
+        unknown = [key for key in options if key not in classes]
+        bad = [key for key, value in options.items() if not isinstance(value, Mapping)]
+        if unknown or bad:
+            raise UserError(f"reward.options with weighted parts is a mapping part name → its options (e.g. "
+                            f"reward.options.{parts[0][0]}.key=value); {', '.join(unknown or bad)} is not a part of "
+                            f"--reward {spec}")
+    if not any(cls.uses_grounder for cls in classes.values()):
         if model:
             detectors = ", ".join(name for name, cls in REWARDS.items() if cls.uses_grounder)
             raise UserError(f"--reward-model is for rewards with a detector ({detectors}); --reward {spec} has none")
@@ -87,9 +158,8 @@ def build_reward(spec: str, model: str | None = None) -> Reward:
         grounder = make_grounder(model=model)
 
     def build(name: str) -> Reward:
-        cls = REWARDS.get(name)
-        return cls(grounder=grounder) if cls.uses_grounder else cls()
+        return construct(name, classes[name], options.get(name, {}) if composite else options, grounder)
 
-    if "=" not in spec:
+    if not composite:
         return build(parts[0][0])
     return CompositeReward({name: (build(name), weight) for name, weight in parts})
