@@ -199,14 +199,14 @@ def test_missing_weights_say_what_to_download(sd3_folder, tmp_path, capsys):
 
     assert main(["train", "--model", "nobody-here/not-a-cached-model", "--out", str(tmp_path / "a"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "huggingface-cli download nobody-here/not-a-cached-model" in err and "--model /path" in err
+    assert "hf download nobody-here/not-a-cached-model --local-dir DIR" in err and "--model DIR" in err
     assert len(err.splitlines()) == 1
     broken = tmp_path / "broken"
     shutil.copytree(sd3_folder, broken)
     shutil.rmtree(broken / "vae")
     assert main(["train", "--model", str(broken), "--out", str(tmp_path / "b"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "missing vae/" in err and "huggingface-cli download" in err and len(err.splitlines()) == 1
+    assert "missing vae/" in err and "hf download" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

@@ -96,7 +96,7 @@ def check_folder(path: Path, index: dict, t5: bool) -> None:
             missing.append(f"{sub}/ ({what})")
     if missing:
         raise UserError(f"--model {path}: missing {', '.join(missing)}; download the complete pipeline with "
-                        f"`huggingface-cli download <repo id> --local-dir {path}` (e.g. "
+                        f"`hf download <repo id> --local-dir {path}` (e.g. "
                         "stabilityai/stable-diffusion-3.5-medium) and pass --model /path/to/that/folder")
 
 
