@@ -167,11 +167,28 @@ def cmd_train(args) -> int:
     for registry, name in ((ENVS, cfg.env.name), (ALGOS, cfg.algo.name)):
         registry.get(name)  # fail before any work on an unknown name
     parse_reward_spec(cfg.reward.name)  # the same for --reward (its weights load in train(), before the run folder)
+    if args.resume and _finished(Path(args.resume), cfg.iterations):
+        return 0
     run = train(cfg, resume=bool(args.resume), progress=not args.quiet)
     summary = json.loads((run / "summary.json").read_text())
     print(_summary_table(summary))
     print(f"run folder: {run}")
     return 0
+
+
+def _finished(run: Path, iterations: int) -> bool:
+    """A run whose summary.json already covers ``iterations``: say so and how to extend it, instead of redoing its
+    final evaluation."""
+    summary_file = run / "summary.json"
+    if not summary_file.is_file():
+        return False
+    summary = json.loads(summary_file.read_text())
+    if iterations > summary["iterations"]:
+        return False
+    print(_summary_table(summary))
+    print(f"diffrl: run {run} is finished ({summary['iterations']} iterations), nothing to do; to train it further "
+          f"pass more, e.g. `diffrl train --resume {run} iterations={summary['iterations'] + 10}`", file=sys.stderr)
+    return True
 
 
 def cmd_eval(args) -> int:

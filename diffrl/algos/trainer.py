@@ -57,7 +57,7 @@ from diffrl.policies.generator import LayoutGenerator, build_generator
 from diffrl.policies.lora import LoraReference, has_lora
 from diffrl.policies.text import ConditionStore
 from diffrl.registry import ALGOS, ENVS
-from diffrl.rewards import build_reward
+from diffrl.rewards import Reward, build_reward
 from diffrl.rewards.guard import GuardedReward
 
 
@@ -131,7 +131,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         save_yaml(cfg, run / "config.yaml")
 
         store = ConditionStore()
-        guarded = GuardedReward(reward)
+        phase = _Phase(f"train {cfg.algo.name}")
+        guarded = GuardedReward(_Announced(reward, phase) if reward is not None else reward)
         env = env_cls(
             generator, guarded, source, store,
             layouts_per_reset=cfg.env.layouts_per_iter, group_size=cfg.env.group_size,
@@ -176,9 +177,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         writer = SummaryWriter(str(run / "tb"))
         bar = tqdm(range(start_iteration, cfg.iterations), desc=f"train {cfg.algo.name}", disable=not progress,
                    initial=start_iteration, total=cfg.iterations)
+        phase.bar = bar
         with open(run / "metrics.jsonl", "a") as metrics_file:
             for iteration in bar:
                 tic = time.time()
+                phase("rollout")
                 with oom_hint(rollout_oom):
                     if scale is None:
                         with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
@@ -191,6 +194,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                         rollout, out, errors, events, stats = got.rollout.to(device), got.reward, got.errors, got.events, got.stats
                 rollout_seconds = time.time() - tic
                 rollout, rewards, valid = _drop_invalid(rollout, errors, events, iteration)
+                phase("update")
                 with oom_hint(update_oom):
                     logs = learner.update(rollout, paired_renders(generator, store) if uses_pairs else None) if len(rewards) else {}
                 entry = {
@@ -236,6 +240,29 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         }
         atomic_write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
         return run
+
+
+class _Phase:
+    """Names the part of an iteration running now (rollout, reward, update) in the train bar's description, so a
+    bar that advances once a minute still shows it is alive."""
+
+    def __init__(self, description: str):
+        self.description, self.bar = description, None
+
+    def __call__(self, name: str) -> None:
+        if self.bar is not None and not self.bar.disable:
+            self.bar.set_description(f"{self.description} · {name}", refresh=True)
+
+
+class _Announced(Reward):
+    """``reward`` unchanged, telling the bar when it runs (the last denoising step of a rollout)."""
+
+    def __init__(self, reward: Reward, phase: _Phase):
+        self.reward, self.phase, self.name = reward, phase, getattr(reward, "name", "reward")
+
+    def __call__(self, images, layouts):
+        self.phase("reward")
+        return self.reward(images, layouts)
 
 
 def _drop_invalid(rollout, errors: list[str], events: list[str], iteration: int):
