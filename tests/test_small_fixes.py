@@ -41,7 +41,8 @@ def test_the_bar_names_the_phase_and_a_finished_run_says_so_when_resumed(tmp_pat
     summary = (run / "summary.json").read_text()
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     captured = capsys.readouterr()
-    assert "is finished (1 iterations), nothing to do" in captured.err and f"--resume {run} iterations=11" in captured.err
+    assert "is finished (1 iterations), nothing to do" in captured.err
+    assert f"--resume {run} iterations=11" in captured.err
     assert captured.out.startswith("            ISR")  # its summary again, from summary.json
     assert (run / "summary.json").read_text() == summary  # not redone
     lines = (run / "metrics.jsonl").read_text().splitlines()

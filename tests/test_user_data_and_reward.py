@@ -83,7 +83,8 @@ def test_the_default_shapes_run_evaluates_on_the_same_held_out_set_as_before():
 
 def test_reward_options_accept_any_key_from_yaml_and_the_command_line():
     cfg = build_config({"reward": {"options": {"distance": "giou"}}},
-                       [parse_override("reward.options.scale=2"), parse_override("reward.options.cycle.normalize=false")])
+                       [parse_override("reward.options.scale=2"),
+                        parse_override("reward.options.cycle.normalize=false")])
     assert cfg.reward.options == {"distance": "giou", "scale": 2, "cycle": {"normalize": False}}
     with pytest.raises(UserError, match="expected a mapping"):
         build_config({}, [parse_override("reward.options=3")])

@@ -117,7 +117,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     evaluation = eval_data(cfg)  # eval.data: its layouts, and the --data file less what it holds out
     if evaluation.train_layouts is not None:
         source = JsonlLayouts(evaluation.train_layouts, seed=cfg.seed)
-    reward = build_reward(cfg.reward.name, cfg.reward.model or None, cfg.reward.options) if not cfg.ray.reward_workers else None
+    reward = (build_reward(cfg.reward.name, cfg.reward.model or None, cfg.reward.options)
+              if not cfg.ray.reward_workers else None)
     env_cls, algo_cls = ENVS.get(cfg.env.name), ALGOS.get(cfg.algo.name)
     with oom_hint(f"placing the generator on {device}: it needs a device with more free memory (--device)"):
         generator = build_generator(cfg.model, cfg.policy.train).to(device)

@@ -54,7 +54,8 @@ def load_layouts(data: str, format: str = "auto", *, layouts: int = 250, levels:
     return read_layouts(data, format)
 
 
-def split_holdout(layouts: Sequence[Layout], fraction: float, most: int, seed: int) -> tuple[list[Layout], list[Layout]]:
+def split_holdout(layouts: Sequence[Layout], fraction: float, most: int,
+                  seed: int) -> tuple[list[Layout], list[Layout]]:
     """→ (held out, the rest), each in file order: ``round(fraction · N)`` layouts (≥ 1, ≤ ``most``, ≤ N − 1) chosen
     by a permutation of ``torch.Generator().manual_seed(seed)``."""
     n = min(most, max(1, round(fraction * len(layouts))), len(layouts) - 1)

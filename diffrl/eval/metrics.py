@@ -64,8 +64,9 @@ def summarize(outputs: Sequence[RewardOutput], layouts: Sequence[Layout]) -> dic
     mask = cat("instance_mask").bool()
     every = torch.ones_like(mask)
     info = outputs[0].info
-    attr_ok = (cat("color_ok").bool() if "color_ok" in info else every) & (cat("shape_ok").bool() if "shape_ok" in info else every)
-    found = cat("found").bool() if "found" in info else (cat("color_ok").bool() if "color_ok" in info else cat("iou") > 0)
+    color_ok = cat("color_ok").bool() if "color_ok" in info else every
+    attr_ok = color_ok & (cat("shape_ok").bool() if "shape_ok" in info else every)
+    found = cat("found").bool() if "found" in info else (color_ok if "color_ok" in info else cat("iou") > 0)
     metrics = instance_metrics(cat("success"), cat("iou"), attr_ok, mask, [l.n for l in layouts])
     return {"isr": metrics["isr"], "miou": metrics["miou"], "reward": float(rewards.mean()),
             "per_level": metrics["per_level"],

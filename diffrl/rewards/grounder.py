@@ -151,8 +151,9 @@ def load_pretrained(what: str, model: str, default: str, needed: Sequence[str], 
         raise UserError(f"{what} weights {model} are not in the Hugging Face cache and the hub is "
                         f"offline (HF_HUB_OFFLINE); {download}")
     if not hub_reachable():
-        raise UserError(f"{what} weights {model} are not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}) "
-                        f"and {huggingface_hub.constants.ENDPOINT} cannot be reached from here; {download}")
+        constants = huggingface_hub.constants
+        raise UserError(f"{what} weights {model} are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                        f"{constants.ENDPOINT} cannot be reached from here; {download}")
     try:
         return load(model, local_files_only=False)
     except OSError as err:
