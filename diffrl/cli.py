@@ -191,12 +191,11 @@ def _finished(run: Path, iterations: int) -> bool:
     return True
 
 
-def cmd_eval(args) -> int:
+def _eval_layouts(args) -> tuple[list, int]:
+    """``diffrl eval``'s layouts and leakage probe count: ``--data`` read as `diffrl train`'s eval.data is
+    (`diffrl.eval.data.load_layouts`); with ``--checkpoint`` and no ``--data``, the run's own evaluation set."""
     from diffrl.envs.datasets import make_source
     from diffrl.eval.data import eval_data, load_layouts
-    from diffrl.eval.evaluate import evaluate, generate
-    from diffrl.policies.generator import load_generator
-    from diffrl.rewards import build_reward
 
     if args.leakage is not None and args.leakage < 0:
         raise UserError(f"--leakage: must be ≥ 0, got {args.leakage}")
@@ -206,20 +205,26 @@ def cmd_eval(args) -> int:
 
         run_cfg = build_config(load_yaml(Path(args.checkpoint) / "config.yaml"))
     if run_cfg is not None and not (run_cfg.eval.data in ("", "shapes") and run_cfg.env.data == "shapes"):
-        evaluation = eval_data(run_cfg)  # the run's own evaluation set: the layouts its summary.json was scored on
+        evaluation = eval_data(run_cfg)  # the layouts its summary.json was scored on
         print(f"evaluating on {evaluation.name} (the run's eval.data; pass --data to choose another)", file=sys.stderr)
-        layouts, leakage_layouts = evaluation.layouts, 0
-    elif (args.data or "shapes") == "shapes":
+        return evaluation.layouts, 0
+    if (args.data or "shapes") == "shapes":
         make_source("shapes", args.levels, seed=args.seed)  # checks the levels
         layouts = load_layouts("shapes", layouts=args.layouts, levels=args.levels, seed=args.seed)
-        leakage_layouts = min(64, args.layouts) if args.leakage is None else args.leakage
-    else:
-        if args.leakage:
-            raise UserError("--leakage measures the Shapes world's colours: it needs --data shapes")
-        leakage_layouts = 0
-        if not Path(args.data).is_file():
-            raise UserError(f"--data {args.data}: no such file")
-        layouts = load_layouts(args.data, args.format)
+        return layouts, min(64, args.layouts) if args.leakage is None else args.leakage
+    if args.leakage:
+        raise UserError("--leakage measures the Shapes world's colours: it needs --data shapes")
+    if not Path(args.data).is_file():
+        raise UserError(f"--data {args.data}: no such file")
+    return load_layouts(args.data, args.format), 0
+
+
+def cmd_eval(args) -> int:
+    from diffrl.eval.evaluate import evaluate, generate
+    from diffrl.policies.generator import load_generator
+    from diffrl.rewards import build_reward
+
+    layouts, leakage_layouts = _eval_layouts(args)
     if args.judge == "cocomig":
         from diffrl.eval.cocomig import CocoMigJudge, SamSegmenter, cocomig_grounder
 

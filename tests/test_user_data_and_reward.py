@@ -46,6 +46,11 @@ def test_train_on_a_reports_base_and_final_on_b(tmp_path, files, capsys, one_thr
         assert summary[block]["per_level"]["L5"]["instances"] == 25
     out = capsys.readouterr().out
     assert f"evaluated on 5 layouts of {b}, judged by the reward shapes" in out
+    # diffrl eval on the run: the same layouts by the same code path, the same final numbers
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(run), "--steps", "3", "--out", str(report), "--quiet"]) == 0
+    assert f"evaluating on 5 layouts of {b}" in capsys.readouterr().err
+    assert json.loads(report.read_text())["isr"] == summary["final"]["isr"]
 
 
 def test_train_on_a_alone_holds_out_part_of_a_and_says_how_many(tmp_path, files, capsys, one_thread):
@@ -111,6 +116,19 @@ def test_a_reward_spec_that_cannot_load_is_one_line(spec, message, capsys):
     assert main(["train", "--reward", spec]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_a_reward_announced_as_an_entry_point_is_found_by_name(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    import diffrl.rewards.compose as compose
+
+    point = EntryPoint(name="exact", value="diffrl.rewards.shapes:ShapesReward", group="diffrl.rewards")
+    monkeypatch.setattr(compose, "entry_points", lambda group: [point] if group == "diffrl.rewards" else [])
+    assert compose.parse_reward_spec("exact=1,cycle=0.5") == [("exact", 1.0), ("cycle", 0.5)]
+    assert type(build_reward("exact", None, {"normalize": False})).__name__ == "ShapesReward"
+    with pytest.raises(UserError, match="unknown reward 'nope'"):
+        build_reward("nope")
 
 
 def test_metrics_fall_back_to_the_reward_alone_and_say_so():
