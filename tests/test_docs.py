@@ -43,7 +43,7 @@ def test_a_runnable_block_runs(language, code, tmp_path, monkeypatch):
         return
     script = f'diffrl() {{ "{sys.executable}" -m diffrl.cli "$@"; }}\nset -euo pipefail\n{code}'
     env = {**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

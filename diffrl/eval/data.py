@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+import diffrl.envs.datasets  # noqa: F401  (registers the dataset names, "shapes")
 from diffrl.errors import UserError
 from diffrl.layout import Layout
 from diffrl.registry import DATASETS
@@ -70,7 +71,9 @@ def eval_data(cfg) -> EvalData:
     """The run's evaluation set from its config (``cfg``: a `diffrl.config.TrainConfig`; module docstring)."""
     e, train_data = cfg.eval, cfg.env.data
     if e.data == "shapes" or (not e.data and train_data in DATASETS):
-        levels = "–".join(str(lv) for lv in (min(e.levels), max(e.levels))) if len(e.levels) > 1 else str(e.levels[0])
+        levels = sorted(e.levels)
+        contiguous = len(levels) > 2 and levels == list(range(levels[0], levels[-1] + 1))
+        levels = f"{levels[0]}–{levels[-1]}" if contiguous else ", ".join(map(str, levels))
         return EvalData(held_out_layouts(e.layouts, e.levels, e.seed),
                         f"{e.layouts} held-out Shapes layouts (levels {levels}, seed {e.seed})",
                         default=train_data == "shapes" and not e.data)
