@@ -101,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help=f"generator: {_names(MODELS)} or a local folder (default: `diffrl train`'s, "
                         f"{TrainConfig().model.name})")
     source.add_argument("--checkpoint", metavar="RUN", help="a run folder: its model with its last checkpoint")
-    ev.add_argument("--data", help="a Shapes world (shapes, shapes-loose: its held-out set; default: `diffrl train`'s, "
-                    "or the run's with --checkpoint), or a file of layouts: diffrl .jsonl, "
-                    "COCO-MIG (.yaml, .txt, .json) or LayoutSAM-eval rows (.parquet, .jsonl, .json)")
+    ev.add_argument("--data", help="a Shapes world (shapes, shapes-loose: its held-out set), or a file of layouts: "
+                    "diffrl .jsonl, COCO-MIG (.yaml, .txt, .json) or LayoutSAM-eval rows (.parquet, .jsonl, .json) "
+                    "(default: with --checkpoint the run's own evaluation set, its eval.data; else `diffrl train`'s)")
     ev.add_argument("--format", choices=FORMATS, default="auto", help="how to read --data (auto: by its extension and keys)")
     ev.add_argument("--levels", type=int, nargs="+", default=[2, 3, 4, 5, 6], help="Shapes levels (instance counts)")
     ev.add_argument("--layouts", type=int, default=250, help="how many Shapes layouts")
@@ -201,6 +201,8 @@ def cmd_train(args) -> int:
     for registry, name in ((ENVS, cfg.env.name), (ALGOS, cfg.algo.name)):
         registry.get(name)  # fail before any work on an unknown name
     parse_reward_spec(cfg.reward.name)  # the same for --reward (its weights load in train(), before the run folder)
+    if args.resume and _finished(Path(args.resume), cfg.iterations):
+        return 0
     run = train(cfg, resume=bool(args.resume), progress=not args.quiet)
     summary = json.loads((run / "summary.json").read_text())
     print(_summary_table(summary))
@@ -208,31 +210,57 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from diffrl.config import TrainConfig, load_yaml
+def _finished(run: Path, iterations: int) -> bool:
+    """A run whose summary.json already covers ``iterations``: say so and how to extend it, instead of redoing its
+    final evaluation."""
+    summary_file = run / "summary.json"
+    if not summary_file.is_file():
+        return False
+    summary = json.loads(summary_file.read_text())
+    if iterations > summary["iterations"]:
+        return False
+    print(_summary_table(summary))
+    print(f"diffrl: run {run} is finished ({summary['iterations']} iterations), nothing to do; to train it further "
+          f"pass more, e.g. `diffrl train --resume {run} iterations={summary['iterations'] + 10}`", file=sys.stderr)
+    return True
+
+
+def _eval_layouts(args) -> tuple[list, int]:
+    """``diffrl eval``'s layouts and leakage probe count: ``--data`` read as `diffrl train`'s eval.data is
+    (`diffrl.eval.data.load_layouts`); with ``--checkpoint`` and no ``--data``, the run's own evaluation set."""
+    from diffrl.config import TrainConfig
     from diffrl.envs.datasets import make_source, shapes_world
-    from diffrl.eval.evaluate import evaluate, generate, held_out_layouts
-    from diffrl.eval.readers import read_layouts
-    from diffrl.policies.generator import load_generator
-    from diffrl.rewards import build_reward
+    from diffrl.eval.data import eval_data, load_layouts
 
     if args.leakage is not None and args.leakage < 0:
         raise UserError(f"--leakage: must be ≥ 0, got {args.leakage}")
-    if args.data is None:  # the data `diffrl train` (or the run) trains on
-        run_cfg = Path(args.checkpoint or "") / "config.yaml"
-        args.data = (load_yaml(run_cfg).get("env", {}).get("data") if args.checkpoint and run_cfg.is_file() else None) \
-            or TrainConfig().env.data
-    if (world := shapes_world(args.data)) is not None:
-        make_source(args.data, args.levels, seed=args.seed)  # checks the levels
-        layouts = held_out_layouts(args.layouts, args.levels, args.seed, world=world)
-        leakage_layouts = min(64, args.layouts) if args.leakage is None else args.leakage
-    else:
-        if args.leakage:
-            raise UserError("--leakage measures the Shapes world's colours: it needs a Shapes world (--data shapes-loose)")
-        leakage_layouts = 0
-        if not Path(args.data).is_file():
-            raise UserError(f"--data {args.data}: no such file")
-        layouts = read_layouts(args.data, args.format)
+    run_cfg = None
+    if args.checkpoint and args.data is None and (Path(args.checkpoint) / "config.yaml").is_file():
+        from diffrl.config import build_config, load_yaml
+
+        run_cfg = build_config(load_yaml(Path(args.checkpoint) / "config.yaml"))
+    if run_cfg is not None and not (run_cfg.eval.data in ("", "shapes") and shapes_world(run_cfg.env.data)):
+        evaluation = eval_data(run_cfg)  # the layouts its summary.json was scored on
+        print(f"evaluating on {evaluation.name} (the run's eval.data; pass --data to choose another)", file=sys.stderr)
+        return evaluation.layouts, 0
+    data = args.data or (run_cfg.env.data if run_cfg is not None else TrainConfig().env.data)
+    if shapes_world(data) is not None:
+        make_source(data, args.levels, seed=args.seed)  # checks the levels
+        layouts = load_layouts(data, layouts=args.layouts, levels=args.levels, seed=args.seed)
+        return layouts, min(64, args.layouts) if args.leakage is None else args.leakage
+    if args.leakage:
+        raise UserError("--leakage measures the Shapes world's colours: it needs a Shapes world (--data shapes)")
+    if not Path(args.data).is_file():
+        raise UserError(f"--data {args.data}: no such file")
+    return load_layouts(args.data, args.format), 0
+
+
+def cmd_eval(args) -> int:
+    from diffrl.eval.evaluate import evaluate, generate
+    from diffrl.policies.generator import load_generator
+    from diffrl.rewards import build_reward
+
+    layouts, leakage_layouts = _eval_layouts(args)
     if args.judge == "cocomig":
         from diffrl.eval.cocomig import CocoMigJudge, SamSegmenter, cocomig_grounder
 
@@ -284,7 +312,8 @@ def cmd_eval(args) -> int:
         out.write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"wrote {out}")
         if args.judge == "cocomig":
-            settings = {"judge": "cocomig (LeyRio/MIG_Bench eval_mig.py protocol)", "data": args.data,
+            settings = {"judge": "cocomig (LeyRio/MIG_Bench eval_mig.py protocol)",
+                        "data": args.data or TrainConfig().env.data,
                         "generator": args.checkpoint or args.model or TrainConfig().model.name, "steps": args.steps,
                         "seed": args.seed, "grounder": args.reward_model or "IDEA-Research/grounding-dino-tiny",
                         "object mask": f"SAM {args.sam_model}" if args.sam_model else "detected box (no --sam-model)"}
@@ -371,7 +400,15 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _num(value) -> str:
+    return "  –  " if value is None else f"{value:.3f}"
+
+
 def _metrics_table(m: dict) -> str:
+    if m["isr"] is None:  # a reward with per-image scores only
+        lines = ["level   reward  layouts"]
+        lines += [f"{level:<7} {v['reward']:.3f}   {v['layouts']}" for level, v in m["per_level"].items()]
+        return "\n".join(lines + [f"{'all':<7} {m['reward']:.3f}", f"({m['note']})"])
     lines = ["level   ISR     mIoU    instances"]
     for level, v in m["per_level"].items():
         lines.append(f"{level:<7} {v['isr']:.3f}   {v['miou']:.3f}   {v.get('instances', '')}")
@@ -382,15 +419,19 @@ def _metrics_table(m: dict) -> str:
 
 def _summary_table(s: dict) -> str:
     b, f = s["base"], s["final"]
-    verdicts = "verdicts" in b and "verdicts" in f  # a run resumed from before they were counted has none in base
+    verdicts = bool(b.get("verdicts") and f.get("verdicts"))  # none in a run resumed from before they were counted
     head = "            ISR     mIoU    reward" + ("   ok / missed / wrong box / wrong attribute" if verdicts else "")
 
     def row(name: str, m: dict) -> str:
         counts = "   " + " / ".join(str(n) for n in m["verdicts"].values()) if verdicts else ""
-        return f"{name:<12}{m['isr']:.3f}   {m['miou']:.3f}   {m['reward']:.3f}{counts}"
+        return f"{name:<12}{_num(m['isr'])}   {_num(m['miou'])}   {_num(m['reward'])}{counts}"
 
+    judged = f"judged by the {s['judge']}" if "judge" in s else ""
+    where = s.get("eval_data", f"{s['eval_layouts']} held-out layouts")
+    note = f"\n({f['note']})" if f.get("note") else ""
     return (f"{head}\n{row('base', b)}\n{row('final', f)}\n"
-            f"({s['iterations']} iterations, {s['wall_seconds']:.0f} s, {s['eval_layouts']} held-out layouts)")
+            f"({s['iterations']} iterations, {s['wall_seconds']:.0f} s; evaluated on {where}{', ' if judged else ''}"
+            f"{judged}){note}")
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "sweep": cmd_sweep, "export": cmd_export,

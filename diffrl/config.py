@@ -12,7 +12,7 @@ import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
 import yaml
 
@@ -107,11 +107,14 @@ class RewardConfig:
     http_retries: int = option(3, "--reward http://…: how often a request that got no answer or a 5xx is tried again (after 0.5, 1, 2, … s) before its samples count invalid")
     http_format: str = option("png", "--reward http://…: how images travel: png (8-bit, portable) or safetensors (lossless float32)")
     max_down_iterations: int = option(10, "iterations in a row the reward may be unreachable on every sample (a reward server down) before the run stops; those iterations skip the update")
+    options: dict = option({}, "keyword arguments of the reward's constructor, e.g. reward.options.distance=giou (weighted parts: reward.options.<part>.key=value)")
 
 
 @dataclass
 class EvalConfig:
-    layouts: int = option(250, "held-out layouts for the base/final evaluation (spread evenly over levels)")
+    data: str = option("", "layouts of the base/final evaluation: '' (the training data's: Shapes' held-out set, or a held-out part of a --data file), shapes, or a file of layouts (JSONL, COCO-MIG, LayoutSAM)")
+    holdout: float = option(0.1, "fraction of a --data file held out of training for the evaluation (at least 1 layout, at most eval.layouts; 0: evaluate on training layouts)")
+    layouts: int = option(250, "held-out layouts for the base/final evaluation (Shapes: spread evenly over levels; a --data file: at most this many held out)")
     levels: list = option([2, 3, 4, 5, 6], "levels of the held-out set")
     seed: int = option(1234, "seed of the held-out set and of its initial noise")
     batch_size: int = option(125, "images per evaluation batch")
@@ -186,7 +189,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if kind is dict:
         if isinstance(value, dict):
             return value
-        raise UserError(f"config {key}: expected a mapping, e.g. {key}={{env_vars: {{A: b}}}}, got {value!r}")
+        raise UserError(f"config {key}: expected a mapping (in YAML, or {key}.name=value on the command line), "
+                        f"got {value!r}")
     if kind is list:
         if isinstance(value, list):
             return value
@@ -213,12 +217,25 @@ def set_value(cfg, key: str, value: Any) -> None:
                     raise UserError(f"config {key}: expected a mapping of its fields")
                 for sub, sub_value in value.items():
                     set_value(cfg, f"{key}.{sub}", sub_value)
+            elif isinstance(getattr(target, part), dict):  # a free-form mapping: merged, so overrides add keys
+                getattr(target, part).update(_coerce(key, value, annotation))
             else:
                 setattr(target, part, _coerce(key, value, annotation))
+        elif isinstance(getattr(target, part), dict):  # section.mapping.key[.key…]=value sets inside the mapping
+            _set_nested(getattr(target, part), parts[i + 1:], value)
+            return
         else:
             target = getattr(target, part)
             if not dataclasses.is_dataclass(target):
                 raise UserError(f"unknown config key {key!r}: {'.'.join(parts[: i + 1])} has no fields")
+
+
+def _set_nested(mapping: dict, keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        if not isinstance(mapping.get(key), dict):
+            mapping[key] = {}
+        mapping = mapping[key]
+    mapping[keys[-1]] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -342,6 +359,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"config forward.timesteps: must be ≥ 1, got {f.timesteps}")
     if f.nft_beta <= 0 or f.adv_clip <= 0 or f.kl_coef < 0 or not 0 <= f.old_uphold < 1 or f.old_uprate < 0:
         raise UserError("config forward: nft_beta and adv_clip must be > 0, kl_coef and old_uprate ≥ 0, old_uphold in [0, 1)")
+    if not 0 <= cfg.eval.holdout < 1:
+        raise UserError(f"config eval.holdout: a fraction in [0, 1), got {cfg.eval.holdout}")
     if cfg.algo.log_prob_reduce not in ("sum", "mean"):
         raise UserError(f"config algo.log_prob_reduce: 'sum' or 'mean', got {cfg.algo.log_prob_reduce!r}")
     r = cfg.ray

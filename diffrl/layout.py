@@ -98,7 +98,7 @@ def read_jsonl(path: str | Path) -> list[Layout]:
             if not text.strip():
                 continue
             try:
-                data = json.loads(text)
+                data = json.loads(text.rstrip("\r\n"))  # newline kept: "line 2 column 1"
             except json.JSONDecodeError as err:
                 raise LayoutError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
             layouts.append(Layout.from_dict(data, source=str(path), line=number))

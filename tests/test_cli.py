@@ -85,7 +85,8 @@ def test_a_short_run_leaves_config_metrics_events_checkpoints_grids_and_summary(
     for key in ("reward_mean", "reward_std", "loss_objective", "kl_ref", "clip_fraction", "seconds"):
         assert all(key in l for l in lines)
     assert list((run / "tb").glob("events.out.tfevents.*"))
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-000001.safetensors", "checkpoint-000002.safetensors"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-000001.safetensors",
+                                                                       "checkpoint-000002.safetensors"]
     for name in ("samples_before.png", "samples_after.png"):
         assert (run / name).stat().st_size > 1000
     summary = json.loads((run / "summary.json").read_text())

@@ -5,7 +5,7 @@ import json
 import torch
 
 from diffrl.algos.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from diffrl.policies.generator import LayoutGenerator, load_generator
+from diffrl.policies.generator import load_generator
 from diffrl.policies.layout_adapter import LayoutAdapter, LayoutAdapterConfig, box_token_mask
 from diffrl.shapes.world import sample_layouts
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffrl.rewards import CycleConsistencyReward, GroundingDinoReward, ShapesReward, build_reward
+from diffrl.rewards import CycleConsistencyReward, GroundingDinoReward, build_reward
 from diffrl.shapes.world import render, sample_layouts
 
 ROOT = Path(__file__).resolve().parents[1]

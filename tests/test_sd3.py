@@ -202,7 +202,7 @@ def test_missing_weights_say_what_to_download(sd3_folder, tmp_path, capsys):
 
     assert main(["train", "--model", "nobody-here/not-a-cached-model", "--out", str(tmp_path / "a"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "hf download nobody-here/not-a-cached-model" in err and "--model /path" in err
+    assert "hf download nobody-here/not-a-cached-model --local-dir DIR" in err and "--model DIR" in err
     assert len(err.splitlines()) == 1
     broken = tmp_path / "broken"
     shutil.copytree(sd3_folder, broken)

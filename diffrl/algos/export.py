@@ -117,8 +117,10 @@ def model_card(cfg: TrainConfig, run: Path, kind: str, lora: bool) -> str:
         for name in ("base", "final"):
             m = summary[name]
             reward = f"{m['reward']:.3f}" if m.get("reward") is not None else "–"
-            lines.append(f"| {name} | {m['isr']:.3f} | {m['miou']:.3f} | {reward} |")
-        lines += ["", f"{summary['eval_layouts']} held-out layouts; {summary['iterations']} iterations, "
+            isr, miou = (f"{m[k]:.3f}" if m[k] is not None else "–" for k in ("isr", "miou"))
+            lines.append(f"| {name} | {isr} | {miou} | {reward} |")
+        where = summary.get("eval_data", f"{summary['eval_layouts']} held-out layouts")
+        lines += ["", f"Evaluated on {where}; {summary['iterations']} iterations, "
                   f"{summary['wall_seconds']:.0f} s.", ""]
     if lora:
         pipeline = {SD3_CLASS: "StableDiffusion3Pipeline", FLUX_CLASS: "FluxPipeline"}.get(kind,

@@ -7,7 +7,8 @@ A run folder holds:
     checkpoints/         atomic safetensors checkpoints (weights, optimizer, RNGs, iteration)
     samples_before.png   held-out samples of the base model, target boxes drawn over
     samples_after.png    the same layouts and noise after training
-    summary.json         {"base": M, "final": M, "iterations", "wall_seconds", "eval_layouts"}
+    summary.json         {"base": M, "final": M, "iterations", "wall_seconds", "eval_layouts", "eval_data",
+                          "held_out", "judge"}; the evaluation set is ``eval.data``'s (`diffrl.eval.data`)
 
 Rollouts run in this process (the default: `LayoutEnv.rollout` on the learner's generator, no Ray) or,
 with ``--workers N`` / ``--reward-workers N``, in chunks on Ray actors (`diffrl.distributed.ray_workers`),
@@ -50,17 +51,18 @@ from diffrl.algos.sft import Paired
 from diffrl.config import (TrainConfig, chunk_layouts, http_options, is_forward_learner, rollout_window, save_yaml,
                            uses_paired_data, uses_ray)
 from diffrl.distributed.ray_workers import ScaleOut
-from diffrl.envs.datasets import make_source, shapes_world
+from diffrl.envs.datasets import JsonlLayouts, make_source
 from diffrl.errors import UserError
 from diffrl.files import atomic_write_text
-from diffrl.eval.evaluate import evaluate, held_out_layouts
+from diffrl.eval.data import eval_data
+from diffrl.eval.evaluate import evaluate
 from diffrl.eval.visualize import save_grid
 from diffrl.policies.actor import SDEPolicyNet, make_actor
 from diffrl.policies.generator import LayoutGenerator, build_generator
 from diffrl.policies.lora import LoraReference, has_lora
 from diffrl.policies.text import ConditionStore
 from diffrl.registry import ALGOS, ENVS
-from diffrl.rewards import build_reward
+from diffrl.rewards import Reward, build_reward
 from diffrl.rewards.base import RewardUnavailable
 from diffrl.rewards.guard import GuardedReward, is_unavailable
 
@@ -118,7 +120,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.model.device)
     source = make_source(cfg.env.data, cfg.env.levels, seed=cfg.seed)
-    reward = build_reward(cfg.reward.name, cfg.reward.model or None, http_options(cfg)) if not cfg.ray.reward_workers else None
+    evaluation = eval_data(cfg)  # eval.data: its layouts, and the --data file less what it holds out
+    if evaluation.train_layouts is not None:
+        source = JsonlLayouts(evaluation.train_layouts, seed=cfg.seed)
+    reward = (build_reward(cfg.reward.name, cfg.reward.model or None, cfg.reward.options, http_options(cfg))
+              if not cfg.ray.reward_workers else None)
     env_cls, algo_cls = ENVS.get(cfg.env.name), ALGOS.get(cfg.algo.name)
     with oom_hint(f"placing the generator on {device}: it needs a device with more free memory (--device)"):
         generator = build_generator(cfg.model, cfg.policy.train).to(device)
@@ -133,7 +139,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         save_yaml(cfg, run / "config.yaml")
 
         store = ConditionStore()
-        guarded = GuardedReward(reward)
+        phase = _Phase(f"train {cfg.algo.name}")
+        guarded = GuardedReward(_Announced(reward, phase) if reward is not None else reward)
         env = env_cls(
             generator, guarded, source, store,
             layouts_per_reset=cfg.env.layouts_per_iter, group_size=cfg.env.group_size,
@@ -149,8 +156,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             learner = algo_cls(policy, reference, actor, cfg.algo)
 
         uses_pairs = uses_paired_data(cfg)
-        eval_set = held_out_layouts(cfg.eval.layouts, cfg.eval.levels, cfg.eval.seed,
-                                    world=shapes_world(cfg.env.data) or "classic")
+        eval_set = evaluation.layouts
+        if not evaluation.default:  # the Shapes default stays quiet, as it always was
+            _report(f"evaluating on {evaluation.name}, judged by the reward {cfg.reward.name}")
         eval_kwargs = dict(num_steps=cfg.env.num_steps, shift=cfg.env.shift, batch_size=cfg.eval.batch_size,
                            seed=cfg.eval.seed, progress=progress)
         eval_oom = f"in evaluation: lower eval.batch_size (now {cfg.eval.batch_size})"
@@ -181,9 +189,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         bar = tqdm(range(start_iteration, cfg.iterations), desc=f"train {cfg.algo.name}", disable=not progress,
                    initial=start_iteration, total=cfg.iterations)
         down = 0  # iterations in a row on which the reward could not be reached for any sample
+        phase.bar = bar
         with open(run / "metrics.jsonl", "a") as metrics_file:
             for iteration in bar:
                 tic = time.time()
+                phase("rollout")
                 with oom_hint(rollout_oom):
                     if scale is None:
                         with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
@@ -196,6 +206,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                         rollout, out, errors, events, stats = got.rollout.to(device), got.reward, got.errors, got.events, got.stats
                 rollout_seconds = time.time() - tic
                 rollout, rewards, valid = _drop_invalid(rollout, errors, events, iteration)
+                phase("update")
                 with oom_hint(update_oom):
                     logs = learner.update(rollout, paired_renders(generator, store) if uses_pairs else None) if len(rewards) else {}
                 progress_eval = {}
@@ -252,9 +263,35 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             "iterations": cfg.iterations,
             "wall_seconds": wall_before + time.time() - started_run,  # this process plus earlier ones of a resumed run
             "eval_layouts": len(eval_set),
+            "eval_data": evaluation.name,
+            "held_out": evaluation.held_out,  # layouts of the --data file kept out of training for the evaluation
+            "judge": f"reward {cfg.reward.name}",
         }
         atomic_write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
         return run
+
+
+class _Phase:
+    """Names the part of an iteration running now (rollout, reward, update) in the train bar's description, so a
+    bar that advances once a minute still shows it is alive."""
+
+    def __init__(self, description: str):
+        self.description, self.bar = description, None
+
+    def __call__(self, name: str) -> None:
+        if self.bar is not None and not self.bar.disable:
+            self.bar.set_description(f"{self.description} · {name}", refresh=True)
+
+
+class _Announced(Reward):
+    """``reward`` unchanged, telling the bar when it runs (the last denoising step of a rollout)."""
+
+    def __init__(self, reward: Reward, phase: _Phase):
+        self.reward, self.phase, self.name = reward, phase, getattr(reward, "name", "reward")
+
+    def __call__(self, images, layouts):
+        self.phase("reward")
+        return self.reward(images, layouts)
 
 
 def _drop_invalid(rollout, errors: list[str], events: list[str], iteration: int):
@@ -286,7 +323,7 @@ def _reward_logs(info: dict[str, torch.Tensor], valid: torch.Tensor) -> dict[str
     """Train ISR and each composite part's mean, over the samples that count (``valid`` [B])."""
     rows = (lambda v: v) if bool(valid.all()) else (lambda v: v[valid])
     logs = {}
-    if "success" in info:
+    if "success" in info and "instance_mask" in info:  # a reward with per-image scores only has no train ISR
         logs["train_isr"] = float(rows(info["success"])[rows(info["instance_mask"])].float().mean())
     logs.update({f"reward/{k[5:]}": float(rows(v).float().mean()) for k, v in info.items() if k.startswith("part/")})
     return logs

@@ -455,7 +455,8 @@ class ScaleOut:
         self.chunk_layouts = chunk_layouts(cfg)
         self.reward: RemoteReward | None = None
         self.rollouts: RolloutPool | LocalRollouts | None = None
-        factory = reward_factory or partial(build_reward, cfg.reward.name, cfg.reward.model or None, http_options(cfg))
+        factory = reward_factory or partial(build_reward, cfg.reward.name, cfg.reward.model or None, cfg.reward.options,
+                                            http_options(cfg))
         self.owns_ray = start_ray(cfg)
         try:
             check_resources(cfg)

@@ -59,10 +59,11 @@ def shapes_world(data: str) -> str | None:
 
 
 class JsonlLayouts:
-    """Layouts from a JSONL file, in a fresh seeded shuffle each pass."""
+    """Layouts from a JSONL file (or a list of them: a file less its held-out part), in a fresh seeded shuffle
+    each pass."""
 
-    def __init__(self, path: str | Path, seed: int = 0):
-        self.layouts = read_jsonl(path)
+    def __init__(self, path: str | Path | Sequence[Layout], seed: int = 0):
+        self.layouts = read_jsonl(path) if isinstance(path, (str, Path)) else list(path)
         self.generator = torch.Generator().manual_seed(seed)
         self.order: list[int] = []
 

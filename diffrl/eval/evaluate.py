@@ -15,18 +15,13 @@ from tqdm.auto import tqdm
 
 from diffrl.envs.datasets import FixedLayouts
 from diffrl.envs.layout_env import LayoutEnv
+from diffrl.eval.data import held_out_layouts  # noqa: F401  (the Shapes held-out set; defined beside eval.data)
 from diffrl.eval.metrics import summarize
 from diffrl.layout import Layout
 from diffrl.policies.actor import SDEPolicyNet, make_actor
 from diffrl.policies.generator import LayoutGenerator
 from diffrl.policies.text import ConditionStore
 from diffrl.rewards.base import Reward, RewardOutput
-from diffrl.shapes.world import sample_layouts
-
-
-def held_out_layouts(n: int, levels: Sequence[int], seed: int, world: str = "classic") -> list[Layout]:
-    """A fixed-seed evaluation set of ``world``'s layouts spread evenly over ``levels`` (round-robin)."""
-    return sample_layouts(n, list(levels), seed=seed, balanced=True, world=world)
 
 
 @torch.no_grad()

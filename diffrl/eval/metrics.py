@@ -8,6 +8,12 @@ mIoU = mean per-instance IoU, where an instance that fails its attribute check c
 ``missed`` (no detection of the phrase matched it), ``wrong box`` (matched, IoU < 0.5) and ``wrong attribute``
 (in its box, an attribute wrong: in the Shapes world the shape, since a match already has the right colour;
 a grounded reward's verdict has no attribute check beyond the match, so it counts none here).
+
+What a reward's ``info`` enables (the contract is in `diffrl.rewards.base`): ``success``, ``iou`` and
+``instance_mask`` [B, K] give ISR, mIoU and the verdicts; ``color_ok`` / ``shape_ok`` [B, K] add the attribute
+check (absent: no attribute is judged wrong) and ``found`` [B, K] splits missed from wrong box (absent: an
+instance with IoU 0 counts as missed). A reward without the three required fields (one that returns per-image
+scores only) is summarised by its reward alone: ``isr``, ``miou`` and ``verdicts`` are None and ``note`` says why.
 """
 
 from __future__ import annotations
@@ -39,8 +45,15 @@ def instance_metrics(success: Tensor, iou: Tensor, attr_ok: Tensor, mask: Tensor
     return {"isr": everything["isr"], "miou": everything["miou"], "per_level": per_level}
 
 
+VERDICT_FIELDS = ("success", "iou", "instance_mask")  # the info fields ISR / mIoU need
+REWARD_ONLY = ("the reward gives per-image scores only (no info fields success, iou, instance_mask): ISR, mIoU and "
+               "verdicts are not measured, the reward alone is")
+
+
 def summarize(outputs: Sequence[RewardOutput], layouts: Sequence[Layout]) -> dict:
     """Concatenate per-batch reward outputs (with per-instance info) → the summary block ``M``."""
+    if not all(key in out.info for out in outputs for key in VERDICT_FIELDS):
+        return summarize_rewards(outputs, layouts)
     k = max(out.info["instance_mask"].shape[1] for out in outputs)
 
     def cat(key: str) -> Tensor:
@@ -48,11 +61,26 @@ def summarize(outputs: Sequence[RewardOutput], layouts: Sequence[Layout]) -> dic
                           for out in outputs])[: len(layouts)]
 
     rewards = torch.cat([out.rewards.cpu() for out in outputs])[: len(layouts)]
-    attr_ok = cat("color_ok") & cat("shape_ok")
-    metrics = instance_metrics(cat("success"), cat("iou"), attr_ok, cat("instance_mask"), [l.n for l in layouts])
+    mask = cat("instance_mask").bool()
+    every = torch.ones_like(mask)
+    info = outputs[0].info
+    color_ok = cat("color_ok").bool() if "color_ok" in info else every
+    attr_ok = color_ok & (cat("shape_ok").bool() if "shape_ok" in info else every)
+    found = cat("found").bool() if "found" in info else (color_ok if "color_ok" in info else cat("iou") > 0)
+    metrics = instance_metrics(cat("success"), cat("iou"), attr_ok, mask, [l.n for l in layouts])
     return {"isr": metrics["isr"], "miou": metrics["miou"], "reward": float(rewards.mean()),
             "per_level": metrics["per_level"],
-            "verdicts": verdict_counts(cat("success"), cat("iou"), cat("color_ok"), attr_ok, cat("instance_mask"))}
+            "verdicts": verdict_counts(cat("success"), cat("iou"), found, attr_ok, mask)}
+
+
+def summarize_rewards(outputs: Sequence[RewardOutput], layouts: Sequence[Layout]) -> dict:
+    """The summary block of a reward without per-instance verdicts: its mean, pooled and per level, and a note."""
+    rewards = torch.cat([out.rewards.detach().float().cpu() for out in outputs])[: len(layouts)]
+    levels = torch.tensor([layout.n for layout in layouts])
+    per_level = {f"L{lv}": {"reward": float(rewards[levels == lv].mean()), "layouts": int((levels == lv).sum())}
+                 for lv in sorted(set(levels.tolist()))}
+    return {"isr": None, "miou": None, "reward": float(rewards.mean()), "per_level": per_level, "verdicts": None,
+            "note": REWARD_ONLY}
 
 
 def verdict_counts(success: Tensor, iou: Tensor, found: Tensor, attr_ok: Tensor, mask: Tensor,

@@ -1,7 +1,8 @@
 """The generator as a TorchRL policy: one denoising step = one action.
 
 `SDEPolicyNet` maps an observation (latent x_t, times, step, layout index) to the mean and
-std of the generator's stochastic step (`LayoutGenerator.step_mean_std`: its sampler, with CFG when on); `make_actor` wraps it as a ``ProbabilisticActor``
+std of the generator's stochastic step (`LayoutGenerator.step_mean_std`: its sampler, with CFG when on);
+`make_actor` wraps it as a ``ProbabilisticActor``
 over `LatentGaussian`. Steps inside the RL window (``window_steps`` steps from ``window_start``, by default
 the first ones; I-DRUID trains on the first 20%) use noise level ``a``; the other steps are the deterministic
 ODE step (std 0, log-prob 0), so they cost a forward in rollout and nothing in training.

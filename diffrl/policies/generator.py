@@ -233,9 +233,9 @@ def resolve_model(name_or_path: str) -> Path:
             return Path(snapshot_download(name_or_path, local_files_only=True))
         except Exception:  # noqa: BLE001  (not in the cache: say what to do)
             raise UserError(
-                f"--model {name_or_path}: its weights are not in the local Hugging Face cache and this machine cannot "
-                f"download them; run `hf download {name_or_path}` where there is network (accept the "
-                "model's license on the hub first if it is gated), then pass --model /path/to/that/folder"
+                f"--model {name_or_path}: its weights are not in the local Hugging Face cache and diffrl does not "
+                f"download generators; run `hf download {name_or_path} --local-dir DIR` where there is network (accept "
+                "the model's license on the hub first if it is gated), then pass --model DIR"
             ) from None
     raise UserError(
         f"--model {name_or_path!r}: not a registered model ({', '.join(MODELS.names())}), a local folder or a hub id "

@@ -1,10 +1,35 @@
 """The Reward contract: ``reward(images, layouts) -> RewardOutput(rewards, info)``.
 
-``images`` are float ``[B, 3, H, W]`` in [0, 1] on any device, ``layouts`` a sequence of `Layout`;
-``rewards`` are float ``[B]`` on the images' device; ``info`` is a dict of named tensors
-(per-instance IoU, confidence, …). Format conversion happens inside the reward, never at the call
-site; the caller picks the device. `Reward.as_ddpo_fn` adapts a reward to the
-``fn(images, prompts, metadata) -> (rewards, info)`` signature DDPO / Flow-GRPO trainers call.
+Inputs
+    ``images``   float ``[B, 3, H, W]`` in [0, 1] (RGB), on any device; `check_inputs` enforces this.
+    ``layouts``  a sequence of B `diffrl.layout.Layout`: ``prompt``, ``phrases`` (K_b of them) and ``boxes``
+                 (K_b normalised xyxy in [0, 1]), one per image.
+Output: `RewardOutput`
+    ``rewards``  float ``[B]`` on the images' device, finite; higher is better. Any range works for training
+                 (PPO / GRPO normalise advantages); the built-in rewards keep theirs stated (shapes, gdino:
+                 [0, 2]; cycle: [−d_max, 0]). A NaN/inf (or an exception) leaves that sample out of the update.
+    ``info``     a dict of named tensors, all optional. K = the batch's largest instance count; rows of images
+                 with fewer instances are padded and masked out by ``instance_mask``.
+        ``instance_mask`` [B, K] bool  which (b, k) are real instances         } these three together give
+        ``success``       [B, K] bool  instance b, k is right (COCO-MIG test)  } train ISR, and the evaluation's
+        ``iou``           [B, K] float IoU of what was found with its box      } ISR, mIoU and verdict counts
+        ``color_ok``, ``shape_ok`` [B, K] bool  attribute checks: ISR's "wrong attribute" verdicts and mIoU's
+                          zero for an instance with a wrong attribute (absent: attributes count as right)
+        ``found``         [B, K] bool  a detection was matched: splits "missed" from "wrong box" (absent:
+                          IoU > 0 counts as found)
+        ``part/<name>``   [B] float    a composite's parts, logged per iteration as ``reward/<name>``
+        anything else (``confidence``, ``boxes``, ``distance``, …) is carried along for your own analysis.
+    A reward with none of them (per-image scores only) trains and evaluates: the evaluation reports the mean
+    reward per level and says that ISR / mIoU were not measured (`diffrl.eval.metrics.summarize`).
+Rules
+    Format conversion happens inside the reward, never at the call site; the caller picks the device (no
+    ``.cuda()`` inside). Heavy imports (detectors, SciPy) happen inside the class, so ``import diffrl.rewards``
+    stays cheap. A constructor's keyword arguments are what ``reward.options`` sets from the config.
+
+Using one from the CLI without editing diffrl: ``--reward package.module:ClassName`` (the module importable,
+e.g. its folder on PYTHONPATH), or announce it as an entry point of the group ``diffrl.rewards`` and pass its
+name. `Reward.as_ddpo_fn` adapts a reward to the ``fn(images, prompts, metadata) -> (rewards, info)`` signature
+DDPO / Flow-GRPO trainers call.
 """
 
 from __future__ import annotations
@@ -29,6 +54,8 @@ class RewardUnavailable(UserError):
 
 @dataclass
 class RewardOutput:
+    """What a reward returns: ``rewards`` [B] float, and ``info``, optional named tensors (module docstring)."""
+
     rewards: Tensor  # [B] float
     info: dict[str, Tensor] = field(default_factory=dict)
 
@@ -60,11 +87,19 @@ def to_image_tensor(images: Any) -> Tensor:
 
 
 class Reward(abc.ABC):
+    """Base class of every reward: subclass it and implement ``__call__(images, layouts) -> RewardOutput``.
+
+    images [B, 3, H, W] float in [0, 1]; layouts: B `Layout`s; rewards [B], higher is better; ``info`` optional
+    per-instance tensors (``instance_mask``, ``success``, ``iou`` enable ISR / mIoU; see this module's docstring
+    for every field and what it enables). Constructor keyword arguments come from ``reward.options``.
+    """
+
     name: str = "reward"
     uses_grounder: bool = False  # scores through a Grounder: the constructor takes grounder= (or model=, its weights)
 
     @abc.abstractmethod
-    def __call__(self, images: Tensor, layouts: Sequence[Layout]) -> RewardOutput: ...
+    def __call__(self, images: Tensor, layouts: Sequence[Layout]) -> RewardOutput:
+        """images [B, 3, H, W] float in [0, 1], layouts (B of them) → `RewardOutput` (rewards [B], info)."""
 
     def as_ddpo_fn(self):
         """``fn(images, prompts, metadata) -> (rewards [B] CPU float32, info of CPU tensors)``;

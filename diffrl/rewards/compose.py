@@ -11,12 +11,21 @@ train ISR, the evaluator's ISR / mIoU), the per-instance verdicts of its first p
 A name (or part) that starts with ``http://`` or ``https://`` is a reward server's URL, scored by `HttpReward`
 (``--reward http://127.0.0.1:8000/score``, or ``shapes=1,http://host:8000/score=0.5``); such a URL has no query
 string, so that ``=`` and ``,`` keep their meaning in the spec.
+
+A name is a registered reward (``diffrl list``), a reward another package announces under the entry-point group
+``diffrl.rewards`` (``[project.entry-points."diffrl.rewards"] myreward = "mypkg.rewards:MyReward"``), or
+``package.module:ClassName`` of any importable module (`reward_class`). ``options`` (``reward.options`` in the
+config) are keyword arguments for the reward's constructor: for one reward its own, for weighted parts a mapping
+part name → that part's options.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
-from typing import Mapping, Sequence
+from importlib.metadata import entry_points
+from typing import Any, Mapping, Sequence
 
 from torch import Tensor
 
@@ -33,6 +42,57 @@ from diffrl.rewards.http import HttpReward, check_url
 
 VERDICTS = ("iou", "success", "color_ok", "shape_ok", "instance_mask")
 EXAMPLE = "e.g. --reward gdino or --reward gdino=1,cycle=0.5"
+ENTRY_POINTS = "diffrl.rewards"  # the entry-point group other packages announce their rewards under
+
+
+def reward_class(name: str) -> type[Reward]:
+    """The class ``--reward NAME`` means: a registered name, an entry point of the group ``diffrl.rewards``, or
+    ``package.module:ClassName`` (imported, checked to be a `Reward`, not built). Anything else is a UserError."""
+    name = name.strip()
+    if name in REWARDS:
+        return REWARDS.get(name)
+    if ":" in name:
+        module_name, _, class_name = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise UserError(f"--reward {name}: cannot import {module_name} ({err}); put its folder on PYTHONPATH or "
+                            "pip install its package") from None
+        cls = getattr(module, class_name, None)
+        if cls is None:
+            raise UserError(f"--reward {name}: module {module_name} has no {class_name!r}")
+        return _check_reward_class(name, cls)
+    found = [ep for ep in entry_points(group=ENTRY_POINTS) if ep.name == name]
+    if found:
+        try:
+            cls = found[0].load()
+        except ImportError as err:
+            raise UserError(f"--reward {name}: its entry point {found[0].value} cannot be imported ({err})") from None
+        return _check_reward_class(name, cls)
+    REWARDS.get(name)  # raises the registry's one line: unknown name, the valid ones
+    raise AssertionError("unreachable")
+
+
+def _check_reward_class(name: str, cls: Any) -> type[Reward]:
+    if not (isinstance(cls, type) and issubclass(cls, Reward)):
+        raise UserError(f"--reward {name}: {cls!r} is not a subclass of diffrl.rewards.Reward (see its docstring for "
+                        "the contract: __call__(images, layouts) -> RewardOutput)")
+    return cls
+
+
+def construct(name: str, cls: type[Reward], options: Mapping[str, Any], grounder: Any = None) -> Reward:
+    """``cls(**options)`` (plus the shared ``grounder`` for a reward that takes one); options its constructor does
+    not take are a UserError naming them and the ones it does take."""
+    kwargs = dict(options)
+    if cls.uses_grounder and "grounder" not in kwargs and "model" not in kwargs:
+        kwargs["grounder"] = grounder
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as err:
+        params = [p for p in inspect.signature(cls).parameters if p not in ("self", "grounder")]
+        raise UserError(f"reward.options for {name}: {err}; its constructor takes {', '.join(params) or 'nothing'}") \
+            from None
+    return cls(**kwargs)
 
 
 def is_url(name: str) -> bool:
@@ -41,15 +101,11 @@ def is_url(name: str) -> bool:
 
 
 def check_name(name: str) -> None:
-    """A registered reward name or a reward server's URL; a UserError naming the valid forms otherwise."""
+    """A reward (`reward_class`) or a reward server's URL; a UserError naming the valid forms otherwise."""
     if is_url(name):
         check_url(name)
-    elif REWARDS.get(name) is HttpReward:
+    elif reward_class(name) is HttpReward:
         raise UserError(f"--reward {name}: name the reward server by its URL, e.g. --reward http://127.0.0.1:8000/score")
-
-
-def uses_grounder(name: str) -> bool:
-    return not is_url(name) and REWARDS.get(name).uses_grounder
 
 
 class CompositeReward(Reward):
@@ -76,7 +132,7 @@ class CompositeReward(Reward):
 
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
     """``"gdino"`` → [("gdino", 1.0)]; ``"gdino=1,cycle=0.5"`` → [("gdino", 1.0), ("cycle", 0.5)].
-    Checks every name against the registry and loads nothing."""
+    Checks every name (`reward_class`: registered, an entry point or module:Class) and builds nothing."""
     if "=" not in spec and "," not in spec:
         check_name(spec.strip())
         return [(spec.strip(), 1.0)]
@@ -97,12 +153,24 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
     return parts
 
 
-def build_reward(spec: str, model: str | None = None, http: Mapping | None = None) -> Reward:
+def build_reward(spec: str, model: str | None = None, options: Mapping[str, Any] | None = None,
+                 http: Mapping | None = None) -> Reward:
     """The reward a ``--reward`` spec names. Its parts that score through a grounder (gdino, cycle) share
-    one, loaded from ``model`` (``--reward-model``): a hub id, a local folder, or "shapes". Its URL parts are
-    `HttpReward` clients with the keywords ``http`` (batch_size, timeout, retries, image_format)."""
+    one, loaded from ``model`` (``--reward-model``): a hub id, a local folder, or "shapes". ``options``: the
+    constructor's keyword arguments (for weighted parts: part name → its options; module docstring). Its URL parts
+    are `HttpReward` clients with the keywords ``http`` (batch_size, timeout, retries, image_format)."""
     parts = parse_reward_spec(spec)
-    if not any(uses_grounder(name) for name, _ in parts):
+    classes = {name: HttpReward if is_url(name) else reward_class(name) for name, _ in parts}
+    options = dict(options or {})
+    composite = "=" in spec
+    if composite:
+        unknown = [key for key in options if key not in classes]
+        bad = [key for key, value in options.items() if not isinstance(value, Mapping)]
+        if unknown or bad:
+            raise UserError(f"reward.options with weighted parts is a mapping part name → its options (e.g. "
+                            f"reward.options.{parts[0][0]}.key=value); {', '.join(unknown or bad)} is not a part of "
+                            f"--reward {spec}")
+    if not any(cls.uses_grounder for cls in classes.values()):
         if model:
             detectors = ", ".join(name for name, cls in REWARDS.items() if cls.uses_grounder)
             served = (" (a reward server loads its own: diffrl serve-reward NAME --reward-model …)"
@@ -116,9 +184,8 @@ def build_reward(spec: str, model: str | None = None, http: Mapping | None = Non
     def build(name: str) -> Reward:
         if is_url(name):
             return HttpReward(name, **(http or {}))
-        cls = REWARDS.get(name)
-        return cls(grounder=grounder) if cls.uses_grounder else cls()
+        return construct(name, classes[name], options.get(name, {}) if composite else options, grounder)
 
-    if "=" not in spec:
+    if not composite:
         return build(parts[0][0])
     return CompositeReward({name: (build(name), weight) for name, weight in parts})

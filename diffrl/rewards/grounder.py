@@ -90,32 +90,70 @@ def phrase_detections(
             for p, phrase in enumerate(phrases)}
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint (or to the HTTPS proxy, when one is set) opens within
+    ``timeout`` seconds. Without it a download is retried for minutes before it gives up."""
+    import os
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as Timeout
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(k)),
+                 None)
+    url = urlparse(proxy if proxy else constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+
+    def connect() -> None:  # name lookup included, which the socket's own timeout does not bound
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(connect).result(timeout=timeout)
+        return True
+    except (OSError, Timeout):  # no DNS, refused, unreachable, timed out
+        return False
+    finally:
+        pool.shutdown(wait=False)
+
+
 def load_pretrained(what: str, model: str, default: str, needed: Sequence[str], load, pass_as: str):
     """``load(source, local_files_only)`` from a local folder, the Hugging Face cache, or — when online — the hub.
 
-    The cache is tried first with ``local_files_only`` so a machine without network never waits on it;
-    anything missing is a one-line UserError saying what to download and where to point diffrl.
+    The cache is tried first with ``local_files_only`` so a machine without network never waits on it; a hub id
+    not in the cache is downloaded only when the hub answers (`hub_reachable`, a few seconds at most), so offline
+    the error comes in seconds, not after minutes of retries. Anything missing is a one-line UserError saying
+    what to download and where to point diffrl.
     ``what`` names the model in messages ("Grounding DINO"), ``default`` is the hub id to suggest,
     ``needed`` the files a folder must hold (alternatives joined by '|'), ``pass_as`` how to pass a folder
     ("model=DIR (CLI: --reward-model DIR)").
     """
     import huggingface_hub
 
-    download = f"download them with `hf download {default} --local-dir DIR` and pass {pass_as}"
+    hub_id = not model.startswith((".", "/", "~")) and model.count("/") == 1
+    download = f"download them with `hf download {model if hub_id else default} --local-dir DIR` and pass {pass_as}"
     folder = Path(model).expanduser()
     if folder.is_dir():
         missing = [names for names in needed if not any((folder / name).is_file() for name in names.split("|"))]
         if missing:
             raise UserError(f"{what} folder {folder} lacks {', '.join(missing)}; {download}")
         return load(str(folder), local_files_only=True)
-    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+    if not hub_id:
         raise UserError(f"{what} weights {model!r}: no such folder, nor a hub id like {default}; {download}")
-    try:
-        return load(model, local_files_only=True)
-    except OSError:
-        if huggingface_hub.is_offline_mode():
-            raise UserError(f"{what} weights {model} are not in the Hugging Face cache and the hub is "
-                            f"offline (HF_HUB_OFFLINE); {download}") from None
+    if isinstance(huggingface_hub.try_to_load_from_cache(model, "config.json"), str):
+        try:
+            return load(model, local_files_only=True)
+        except OSError:
+            pass  # in the cache only in part: fetch the rest when the hub can be reached
+    if huggingface_hub.is_offline_mode():
+        raise UserError(f"{what} weights {model} are not in the Hugging Face cache and the hub is "
+                        f"offline (HF_HUB_OFFLINE); {download}")
+    if not hub_reachable():
+        constants = huggingface_hub.constants
+        raise UserError(f"{what} weights {model} are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                        f"{constants.ENDPOINT} cannot be reached from here; {download}")
     try:
         return load(model, local_files_only=False)
     except OSError as err:
@@ -126,9 +164,9 @@ def load_pretrained(what: str, model: str, default: str, needed: Sequence[str], 
 def load_grounding_dino(model: str):
     """(processor, model) of Grounding DINO from a local folder, the Hugging Face cache or the hub
     (`load_pretrained`); missing weights are a one-line UserError naming ``--reward-model``."""
-    from transformers import AutoProcessor, GroundingDinoForObjectDetection
-
     def load(source: str, local_files_only: bool):
+        from transformers import AutoProcessor, GroundingDinoForObjectDetection  # only once weights are there
+
         processor = AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
         detector = GroundingDinoForObjectDetection.from_pretrained(source, local_files_only=local_files_only)
         return processor, detector.eval()

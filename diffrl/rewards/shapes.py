@@ -17,6 +17,14 @@ from diffrl.rewards.base import Reward, RewardOutput, check_inputs
 
 @REWARDS.register("shapes")
 class ShapesReward(Reward):
+    """The Shapes world's exact reward, no weights: per instance IoU of the found object with its box plus the
+    shape confidence, r = Σ_i [IoU_i + c_i], divided by the instance count when ``normalize`` (r ∈ [0, 2]).
+
+    ``reward(images [B, 3, H, W] in [0, 1], layouts)`` → rewards [B] and info [B, K]: ``iou``, ``confidence``,
+    ``success`` (IoU ≥ 0.5, right colour and shape), ``color_ok``, ``shape_ok``, ``instance_mask``. Phrases must be
+    Shapes-world ``"<color> <shape>"`` (e.g. "red square"); others raise LayoutError.
+    """
+
     name = "shapes"
 
     def __init__(self, normalize: bool = True):
