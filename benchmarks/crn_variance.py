@@ -98,7 +98,8 @@ def main(argv=None) -> int:
                          "seconds": time.time() - tic}
         print(f"{name:11s} {variance:.4e}       {signal:.4e}         {variance / signal:8.2f}           "
               f"{time.time() - tic:.0f}", flush=True)
-    print(f"variance cut by sharing (t, ε) in a group: {results['independent']['total_variance'] / results['shared']['total_variance']:.1f}×")
+    cut = results["independent"]["total_variance"] / results["shared"]["total_variance"]
+    print(f"variance cut by sharing (t, ε) in a group: {cut:.1f}×")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
     return 0

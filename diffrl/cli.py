@@ -256,6 +256,7 @@ def _eval_layouts(args) -> tuple[list, int]:
 
 
 def cmd_eval(args) -> int:
+    from diffrl.config import TrainConfig
     from diffrl.eval.evaluate import evaluate, generate
     from diffrl.policies.generator import load_generator
     from diffrl.rewards import build_reward

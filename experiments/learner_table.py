@@ -64,7 +64,7 @@ def table(runs: list[dict], headroom: dict | None) -> str:
             f"{mean_sd([r['final']['reward'] - r['base']['reward'] for r in rs], True)} | "
             f"{statistics.mean(r['final']['verdicts']['wrong box'] for r in rs):.0f} | "
             f"{statistics.mean(r['final']['verdicts']['wrong attribute'] for r in rs):.0f} | "
-            f"{rs[0]['samples']:,} | {', '.join(f'{r['wall']:.0f}' for r in rs)} |")
+            f"{rs[0]['samples']:,} | {', '.join('%.0f' % r['wall'] for r in rs)} |")
     out = "\n".join(rows)
     if headroom:
         best = headroom["best_by_reward"]
