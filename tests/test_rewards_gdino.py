@@ -120,7 +120,7 @@ def test_cli_trains_one_iteration_with_the_tiny_detector(tmp_path, tiny_gdino, s
                  "--reward-model", str(tiny_gdino), "--algo", "ppo", "--iterations", "1", "--config", str(config),
                  "--out", str(run), "--quiet"]) == 0
     resolved = yaml.safe_load((run / "config.yaml").read_text())["reward"]
-    assert (resolved["name"], resolved["model"]) == ("gdino=1,cycle=0.5", str(tiny_gdino))
+    assert (resolved["name"], resolved["model"], resolved["options"]) == ("gdino=1,cycle=0.5", str(tiny_gdino), {})
     (entry,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert 0 <= entry["reward/gdino"] <= 2 and -1 <= entry["reward/cycle"] <= 0
     assert entry["reward_mean"] == pytest.approx(entry["reward/gdino"] + 0.5 * entry["reward/cycle"], abs=1e-5)
