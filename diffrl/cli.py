@@ -249,7 +249,7 @@ def _eval_layouts(args) -> tuple[list, int]:
         layouts = load_layouts(data, layouts=args.layouts, levels=args.levels, seed=args.seed)
         return layouts, min(64, args.layouts) if args.leakage is None else args.leakage
     if args.leakage:
-        raise UserError("--leakage measures the Shapes world's colours: it needs a Shapes world (--data shapes)")
+        raise UserError("--leakage measures the Shapes world's colours: it needs --data shapes (or another Shapes world)")
     if not Path(args.data).is_file():
         raise UserError(f"--data {args.data}: no such file")
     return load_layouts(args.data, args.format), 0

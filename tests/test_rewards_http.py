@@ -79,11 +79,11 @@ def test_http_reward_gives_the_in_process_rewards_and_info(served, image_format)
     images = render(layouts, size=32)
     if image_format == "png":  # PNG carries 8 bits: the same numbers as in-process on 8-bit images
         images = (images * 255).round() / 255
-    reward = build_reward(served.url, None, dict(batch_size=3, image_format=image_format))
+    reward = build_reward(served.url, None, http=dict(batch_size=3, image_format=image_format))
     assert isinstance(reward, HttpReward)
     assert_same_output(reward(images, layouts), ShapesReward()(images, layouts))
     # a composite with a server part: the server's verdicts stand for the composite's, its value is a part
-    composite = build_reward(f"shapes=1,{served.url}=0.5", None, dict(image_format=image_format))
+    composite = build_reward(f"shapes=1,{served.url}=0.5", None, http=dict(image_format=image_format))
     out = composite(images, layouts)
     expected = ShapesReward()(images, layouts).rewards
     torch.testing.assert_close(out.rewards, 1.5 * expected)
