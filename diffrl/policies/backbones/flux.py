@@ -52,7 +52,6 @@ REQUIRED = {  # subfolder → what must be in it
     "text_encoder_2": "model weights", "tokenizer": "tokenizer files", "tokenizer_2": "tokenizer files",
     "scheduler": "scheduler_config.json",
 }
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 
 
 class FluxTextEncoder(TextEncoder):
@@ -211,22 +210,9 @@ class FluxSampler(FlowSampler):
 
 def check_folder(path: Path) -> None:
     """Every part is on disk, else one line naming what is missing and how to get it."""
-    missing = []
-    for sub, what in REQUIRED.items():
-        folder = path / sub
-        files = [f.name for f in folder.iterdir()] if folder.is_dir() else []
-        if what == "model weights":
-            ok = "config.json" in files and any(f.endswith(WEIGHT_SUFFIXES) for f in files)
-        elif what == "scheduler_config.json":
-            ok = "scheduler_config.json" in files
-        else:
-            ok = bool(files)
-        if not ok:
-            missing.append(f"{sub}/ ({what})")
-    if missing:
-        raise UserError(f"--model {path}: missing {', '.join(missing)}; download the complete pipeline with "
-                        f"`hf download <repo id> --local-dir {path}` (e.g. black-forest-labs/FLUX.1-dev, gated: accept "
-                        "its license on the hub first) and pass --model /path/to/that/folder")
+    from diffrl.policies.backbones.sd3 import require_parts
+
+    require_parts(path, REQUIRED, "black-forest-labs/FLUX.1-dev, gated: accept its license on the hub first")
 
 
 def latent_size(vae_config, resolution: int | None) -> tuple[int, int]:

@@ -82,6 +82,13 @@ def check_folder(path: Path, index: dict, t5: bool) -> None:
             raise UserError(f"config model.t5=true but {path} has no T5 text encoder (text_encoder_3 is null in "
                             "model_index.json); set model.t5=false")
         needed.update(text_encoder_3="model weights", tokenizer_3="tokenizer files")
+    require_parts(path, needed, "stabilityai/stable-diffusion-3.5-medium")
+
+
+def require_parts(path: Path, needed: dict[str, str], example: str) -> None:
+    """Each pipeline subfolder in ``needed`` (name → "model weights", "scheduler_config.json" or any files) holds
+    what it must, else one line naming every missing part and the ``hf download`` (of e.g. ``example``) that brings
+    the whole pipeline."""
     missing = []
     for sub, what in needed.items():
         folder = path / sub
@@ -96,8 +103,8 @@ def check_folder(path: Path, index: dict, t5: bool) -> None:
             missing.append(f"{sub}/ ({what})")
     if missing:
         raise UserError(f"--model {path}: missing {', '.join(missing)}; download the complete pipeline with "
-                        f"`hf download <repo id> --local-dir {path}` (e.g. "
-                        "stabilityai/stable-diffusion-3.5-medium) and pass --model /path/to/that/folder")
+                        f"`hf download <repo id> --local-dir {path}` (e.g. {example}) and pass --model "
+                        "/path/to/that/folder")
 
 
 def load_sd3_generator(path: str | Path, dtype: str = "float32", t5: bool = False, adapter: str | Path | None = None,
