@@ -1,6 +1,6 @@
 """The variance of the AWM / NFT gradient over the (t, ε) draws, with and without common random numbers.
 
-    python benchmarks/crn_variance.py [--model shapes-loose] [--data shapes-loose] [--layouts 16] [--group 4]
+    python benchmarks/crn_variance.py [--model shapes-tiny] [--data shapes] [--layouts 16] [--group 4]
                                       [--repeats 12] [--algo awm] [--json out.json]
 
 Rolls out the model once as `diffrl train` does for a forward-process learner (ODE samples, ``--group`` per
@@ -62,8 +62,8 @@ def gradients(generator, store, samples: FinalSamples, advantages, times, k: int
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="shapes-loose")
-    parser.add_argument("--data", default="shapes-loose")
+    parser.add_argument("--model", default="shapes-tiny")
+    parser.add_argument("--data", default="shapes")
     parser.add_argument("--layouts", type=int, default=16)
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=12)

@@ -1,7 +1,7 @@
 """Bytes a Ray rollout worker sends back per iteration: the whole [B, T] rollout (PPO, GRPO) against the last
 step only (AWM, NFT: `diffrl.distributed.ray_workers.final_step`).
 
-    python benchmarks/rollout_bytes.py [--model shapes-loose] [--layouts 64] [--group 4] [--steps 10]
+    python benchmarks/rollout_bytes.py [--model shapes-tiny] [--layouts 64] [--group 4] [--steps 10]
 
 Rolls out 2 layouts × ``--group`` samples of the model through the same env and actor a worker uses, measures the
 tensors of both forms per sample, and scales them to ``--layouts`` × ``--group`` samples (what one iteration of
@@ -31,8 +31,8 @@ def nbytes(td) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="shapes-loose")
-    parser.add_argument("--data", default="shapes-loose")
+    parser.add_argument("--model", default="shapes-tiny")
+    parser.add_argument("--data", default="shapes")
     parser.add_argument("--layouts", type=int, default=64)
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)

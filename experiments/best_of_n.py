@@ -1,8 +1,8 @@
 """How much of a model's headroom is already on-policy: one sample against the best of N, per held-out layout.
 
-    python experiments/best_of_n.py [MODEL_OR_RUN ...] [--n 8] [--world loose] [--layouts 250] [--json out.json]
+    python experiments/best_of_n.py [MODEL_OR_RUN ...] [--n 8] [--world classic] [--layouts 250] [--json out.json]
 
-For a generator (a registered name such as ``shapes-loose``, a generator folder) or a `diffrl train` run folder
+For a generator (a registered name such as ``shapes-tiny``, a generator folder) or a `diffrl train` run folder
 (its last checkpoint), draws ``--n`` deterministic ODE samples of each of the held-out layouts that
 `diffrl train` scores (``eval.*`` defaults: 250 L2–L6 layouts, seed 1234, of ``--world``'s box rules), each from
 its own initial noise (seeds 1234, 1235, ...; the first is the summary's own), and reports
@@ -74,9 +74,9 @@ def best_of_n(generator, layouts, n: int, seed: int, num_steps: int = 10) -> dic
 def main(argv=None) -> int:
     defaults = EvalConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", default=["shapes-loose"], help="registered models, folders or run folders")
+    parser.add_argument("models", nargs="*", default=["shapes-tiny"], help="registered models, folders or run folders")
     parser.add_argument("--n", type=int, default=8)
-    parser.add_argument("--world", default="loose", choices=["classic", "loose"])
+    parser.add_argument("--world", default="classic", choices=["classic", "loose"])
     parser.add_argument("--layouts", type=int, default=defaults.layouts)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--json", help="write the numbers here")

@@ -66,7 +66,7 @@ def test_list_prints_every_registry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     for line in ("env (--env): layout", "reward (--reward): cycle, gdino, http, shapes",
-                 "algo (--algo): awm, grpo, nft, ppo, sft", "model (--model): shapes-loose, shapes-tiny"):
+                 "algo (--algo): awm, grpo, nft, ppo, sft", "model (--model): shapes-tiny"):
         assert line in out
 
 

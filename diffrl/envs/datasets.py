@@ -47,7 +47,7 @@ class ShapesLayouts:
 
 @DATASETS.register("shapes-loose")
 class LooseShapesLayouts(ShapesLayouts):
-    """Shapes-world layouts in the loose-box world's rules (9–19 px, boxes may touch): the default's world."""
+    """Shapes-world layouts in the loose-box world's rules (9–19 px, boxes may touch; docs/scenarios.md)."""
 
     world = "loose"
 

@@ -77,9 +77,3 @@ def shapes_tiny() -> Path:
     benchmark."""
     return PACKAGED
 
-
-@MODELS.register("shapes-loose")
-def shapes_loose() -> Path:
-    """shapes-tiny fine-tuned on loosely annotated layouts of the loose-box world (`--data shapes-loose`): the
-    default's base (see its pretrain.json for the command)."""
-    return PACKAGED.parent / "shapes-loose"
