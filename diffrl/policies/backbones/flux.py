@@ -234,7 +234,7 @@ def load_flux_generator(path: str | Path, dtype: str = "float32", adapter: str |
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
     from transformers.utils import logging as hf_logging
 
-    from diffrl.policies.generator import LayoutGenerator, VAESpace, _dtype, load_adapter
+    from diffrl.policies.generator import LayoutGenerator, VAESpace, _dtype
 
     path = Path(path)
     check_folder(path)
@@ -249,13 +249,10 @@ def load_flux_generator(path: str | Path, dtype: str = "float32", adapter: str |
                            max_sequence_length=max_sequence_length)
     blocks = len(flux_blocks(transformer))
     if adapter:
-        layout_adapter = load_adapter(Path(adapter))
-        cfg = layout_adapter.config
-        if cfg.dim != transformer.inner_dim or cfg.phrase_dim != text.pooled_dim or cfg.num_blocks != blocks:
-            raise UserError(f"config model.adapter {adapter}: made for width {cfg.dim}, phrase width {cfg.phrase_dim}, "
-                            f"{cfg.num_blocks} blocks, but {path} has {transformer.inner_dim}, {text.pooled_dim}, "
-                            f"{blocks}; pass the adapter trained on this model")
-        denoiser = LayoutFlux(transformer, layout_adapter)
+        from diffrl.policies.backbones.sd3 import load_matching_adapter
+
+        denoiser = LayoutFlux(transformer, load_matching_adapter(adapter, path, transformer.inner_dim, text.pooled_dim,
+                                                                 blocks))
     else:
         heads = transformer.config.num_attention_heads  # the adapter's attention splits the width like the blocks'
         denoiser = LayoutFlux.with_new_adapter(transformer, phrase_dim=text.pooled_dim, num_heads=heads)

@@ -107,6 +107,20 @@ def require_parts(path: Path, needed: dict[str, str], example: str) -> None:
                         "/path/to/that/folder")
 
 
+def load_matching_adapter(adapter: str | Path, path: Path, dim: int, phrase_dim: int, blocks: int):
+    """``model.adapter``'s layout adapter, checked to fit the backbone at ``path`` (its width, phrase width and block
+    count), else one line saying what it was made for."""
+    from diffrl.policies.generator import load_adapter  # generator imports the backbones
+
+    layout_adapter = load_adapter(Path(adapter))
+    cfg = layout_adapter.config
+    if cfg.dim != dim or cfg.phrase_dim != phrase_dim or cfg.num_blocks != blocks:
+        raise UserError(f"config model.adapter {adapter}: made for width {cfg.dim}, phrase width {cfg.phrase_dim}, "
+                        f"{cfg.num_blocks} blocks, but {path} has {dim}, {phrase_dim}, {blocks}; pass the adapter "
+                        "trained on this model")
+    return layout_adapter
+
+
 def load_sd3_generator(path: str | Path, dtype: str = "float32", t5: bool = False, adapter: str | Path | None = None,
                        t5_max_length: int = 256):
     """A ``StableDiffusion3Pipeline`` folder as a `LayoutGenerator` (module docstring); LoRA comes on top
@@ -116,7 +130,7 @@ def load_sd3_generator(path: str | Path, dtype: str = "float32", t5: bool = Fals
     from transformers.utils import logging as hf_logging
 
     from diffrl.policies.backbones.mmdit import LayoutMMDiT
-    from diffrl.policies.generator import LayoutGenerator, VAESpace, _dtype, load_adapter
+    from diffrl.policies.generator import LayoutGenerator, VAESpace, _dtype
     from diffrl.policies.samplers import FlowSampler
 
     path = Path(path)
@@ -138,13 +152,8 @@ def load_sd3_generator(path: str | Path, dtype: str = "float32", t5: bool = Fals
     text = SD3TextEncoder(tokenizers, encoders, t5_tokenizer, t5_model, joint_dim=transformer.config.joint_attention_dim,
                           t5_max_length=t5_max_length)
     if adapter:
-        layout_adapter = load_adapter(Path(adapter))
-        cfg = layout_adapter.config
-        if cfg.dim != transformer.inner_dim or cfg.phrase_dim != text.pooled_dim or cfg.num_blocks != len(
-                transformer.transformer_blocks):
-            raise UserError(f"config model.adapter {adapter}: made for width {cfg.dim}, phrase width {cfg.phrase_dim}, "
-                            f"{cfg.num_blocks} blocks, but {path} has {transformer.inner_dim}, {text.pooled_dim}, "
-                            f"{len(transformer.transformer_blocks)}; pass the adapter trained on this model")
+        layout_adapter = load_matching_adapter(adapter, path, transformer.inner_dim, text.pooled_dim,
+                                               len(transformer.transformer_blocks))
         denoiser = LayoutMMDiT(transformer, layout_adapter)
     else:
         heads = transformer.config.num_attention_heads  # the adapter's attention splits the width like the blocks'
