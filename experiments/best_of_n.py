@@ -28,6 +28,7 @@ import torch
 
 from diffrl.config import EvalConfig
 from diffrl.eval.evaluate import _sample, held_out_layouts
+from diffrl.eval.metrics import concat_info
 from diffrl.rewards.shapes import ShapesReward
 
 
@@ -45,19 +46,14 @@ def load(name: str):
 @torch.no_grad()
 def best_of_n(generator, layouts, n: int, seed: int, num_steps: int = 10) -> dict:
     reward = ShapesReward()
-    rewards, success, masks = [], [], []
+    rewards, success = [], []
     for i in range(n):
         outputs, _ = _sample(generator, reward, layouts, num_steps=num_steps, shift=0.0, batch_size=125, seed=seed + i,
                              progress=False, desc="")
-        k = max(o.info["instance_mask"].shape[1] for o in outputs)
-        pad = lambda key: torch.cat([torch.nn.functional.pad(o.info[key], (0, k - o.info[key].shape[1]))  # noqa: E731
-                                     for o in outputs])[: len(layouts)]
         rewards.append(torch.cat([o.rewards for o in outputs])[: len(layouts)])
-        success.append(pad("success"))
-        masks.append(pad("instance_mask"))
-    k = max(s.shape[1] for s in success)
-    success = torch.stack([torch.nn.functional.pad(s, (0, k - s.shape[1])) for s in success])  # [N, L, K]
-    mask = torch.nn.functional.pad(masks[0], (0, k - masks[0].shape[1]))  # [L, K]
+        success.append(concat_info(outputs, "success", len(layouts)))
+    mask = concat_info(outputs, "instance_mask", len(layouts))  # [L, K], the same layouts for every noise
+    success = torch.stack(success)  # [N, L, K]
     rewards = torch.stack(rewards)  # [N, L]
     instances = mask.sum()
     right = (success & mask).sum(-1).float()  # [N, L] instances right per sample

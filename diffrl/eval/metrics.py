@@ -50,15 +50,20 @@ REWARD_ONLY = ("the reward gives per-image scores only (no info fields success, 
                "verdicts are not measured, the reward alone is")
 
 
+def concat_info(outputs: Sequence[RewardOutput], key: str, n: int) -> Tensor:
+    """One per-instance ``info[key]`` of per-batch reward outputs → [n, K] on the CPU, each batch's [b, k] padded to
+    the largest instance count K (padding: 0 / False)."""
+    k = max(out.info[key].shape[1] for out in outputs)
+    return torch.cat([torch.nn.functional.pad(out.info[key].cpu(), (0, k - out.info[key].shape[1]))
+                      for out in outputs])[:n]
+
+
 def summarize(outputs: Sequence[RewardOutput], layouts: Sequence[Layout]) -> dict:
     """Concatenate per-batch reward outputs (with per-instance info) → the summary block ``M``."""
     if not all(key in out.info for out in outputs for key in VERDICT_FIELDS):
         return summarize_rewards(outputs, layouts)
-    k = max(out.info["instance_mask"].shape[1] for out in outputs)
-
     def cat(key: str) -> Tensor:
-        return torch.cat([torch.nn.functional.pad(out.info[key].cpu(), (0, k - out.info[key].shape[1]))
-                          for out in outputs])[: len(layouts)]
+        return concat_info(outputs, key, len(layouts))
 
     rewards = torch.cat([out.rewards.cpu() for out in outputs])[: len(layouts)]
     mask = cat("instance_mask").bool()
