@@ -135,7 +135,6 @@ class ForwardLearner:
     step per epoch with ``algo.accumulate`` (else one per minibatch), KL to the frozen reference's velocity."""
 
     name = "forward"
-    family = "forward"  # the trainer builds these from the generator, not from a TorchRL actor
 
     def __init__(self, generator: LayoutGenerator, reference: LayoutGenerator, store: ConditionStore,
                  cfg: AlgoConfig, fwd: ForwardConfig, times: Tensor):
