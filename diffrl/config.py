@@ -135,6 +135,9 @@ class RayConfig:
     chunk_timeout: float = option(0.0, "seconds a rollout worker may take for a chunk (queueing behind its other chunk included) before it counts as hung and is replaced (0: wait forever)")
     max_restarts: int = option(3, "replacements of a dead worker or reward actor per chunk before the run stops")
     dashboard: bool = option(False, "start Ray's dashboard (bound to 127.0.0.1) with a local cluster")
+    learners: int = option(1, "--learners: processes the update runs on, data-parallel through Ray Train (1: this process, no Ray; N: each takes 1/N of every minibatch, gradients summed, the same update)")
+    learner_cpus: float = option(1.0, "CPUs per learner process (also its torch threads, at least 1); on cuda each learner also takes a GPU")
+    learner_strategy: str = option("ddp", "--learners N: ddp (every learner holds the trainable weights; LoRA, adapters, models that fit a device) or fsdp (FSDP2 fully_shard of the denoiser, for full fine-tuning of large backbones: not implemented yet, one clear error)")
 
 
 @dataclass
@@ -370,6 +373,12 @@ def validate(cfg: TrainConfig) -> None:
         if value < 0:
             flag = {"workers": "--workers", "reward_workers": "--reward-workers"}.get(key, f"config ray.{key}")
             raise UserError(f"{flag}: must be ≥ 0, got {value}")
+    if r.learners < 1:
+        raise UserError(f"--learners: must be ≥ 1 (1: the update in this process), got {r.learners}")
+    if r.learner_cpus <= 0:
+        raise UserError(f"config ray.learner_cpus: must be > 0 (fractions such as 0.5 are fine), got {r.learner_cpus}")
+    if r.learner_strategy not in ("ddp", "fsdp"):
+        raise UserError(f"config ray.learner_strategy: 'ddp' or 'fsdp', got {r.learner_strategy!r}")
     if r.worker_cpus <= 0 or r.reward_cpus <= 0:
         raise UserError("config ray.worker_cpus and ray.reward_cpus must be > 0 (fractions such as 0.5 are fine)")
     w = cfg.reward
@@ -381,8 +390,9 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"config reward.http_format: 'png' or 'safetensors', got {w.http_format!r}")
     if w.runtime_env and not r.reward_workers:
         raise UserError("config reward.runtime_env: it is the environment of the reward actors; add --reward-workers N")
-    if r.address and not (r.workers or r.reward_workers):
-        raise UserError(f"--address {r.address}: nothing would run on the cluster; add --workers N and/or --reward-workers N")
+    if r.address and not (r.workers or r.reward_workers or r.learners > 1):
+        raise UserError(f"--address {r.address}: nothing would run on the cluster; add --workers N, --reward-workers N "
+                        "and/or --learners N")
 
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -31,7 +31,6 @@ weights use the flow identity x̂0 = x_t − t·v, so `NFT` is flow-only and say
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +40,7 @@ from torch.func import functional_call
 
 from diffrl.algos.advantages import group_advantages
 from diffrl.config import AlgoConfig, ForwardConfig
+from diffrl.distributed.learners import WHOLE
 from diffrl.errors import UserError
 from diffrl.policies.generator import LayoutGenerator
 from diffrl.policies.lora import TrainableOnly, has_lora
@@ -135,6 +135,7 @@ class ForwardLearner:
     step per epoch with ``algo.accumulate`` (else one per minibatch), KL to the frozen reference's velocity."""
 
     name = "forward"
+    shard = WHOLE  # this process is the only learner; `diffrl.distributed.learners` sets a Shard in each of N
 
     def __init__(self, generator: LayoutGenerator, reference: LayoutGenerator, store: ConditionStore,
                  cfg: AlgoConfig, fwd: ForwardConfig, times: Tensor):
@@ -163,36 +164,40 @@ class ForwardLearner:
         b = samples.x0.shape[0]
         k = self.fwd.timesteps if self.times is None else min(self.fwd.timesteps, self.times.numel())
         sampler = self.generator.sampler
-        logs: dict[str, list[float]] = defaultdict(list)
+        shard = self.shard  # --learners N: this process's rows of each minibatch (`diffrl.distributed.learners`)
+        logs = shard.logs()
         chunks = [(j, s) for j in range(k) for s in range(0, b, self.cfg.minibatch_size)]
         per_step = len(chunks) if self.cfg.accumulate else 1
         for _ in range(self.cfg.epochs):
             t_all, noise_all = group_times_noise(samples.layout_index, k, samples.x0.shape[1:], self.times, self.fwd.crn)
             order = [chunks[i] for i in torch.randperm(len(chunks)).tolist()]
             for n, (j, start) in enumerate(order):
-                rows = slice(start, start + self.cfg.minibatch_size)
-                x0, index, t, noise = samples.x0[rows], samples.layout_index[rows], t_all[j, rows], noise_all[j, rows]
-                cond = self.store[index]
-                x_t = sampler.noisy(x0, noise, t)
-                target = sampler.target(x0, noise, t)
-                velocity = self.generator.velocity(x_t, t, cond)
-                policy = self.policy_loss(velocity, x_t, x0, t, target, advantages[rows], index, cond)
-                total = policy
-                if self.fwd.kl_coef:
-                    with torch.no_grad():
-                        ref = self.reference.velocity(x_t, t, cond)
-                    kl = per_sample_mse(velocity, ref).mean()
-                    total = total + self.fwd.kl_coef * kl
-                    logs["kl_ref"].append(float(kl.detach()))
-                (total / per_step).backward()
-                logs["loss_policy"].append(float(policy.detach()))
+                rows, share = shard.part(start, min(self.cfg.minibatch_size, b - start))
+                if share:
+                    x0, index, t, noise = samples.x0[rows], samples.layout_index[rows], t_all[j, rows], noise_all[j, rows]
+                    cond = self.store[index]
+                    x_t = sampler.noisy(x0, noise, t)
+                    target = sampler.target(x0, noise, t)
+                    velocity = self.generator.velocity(x_t, t, cond)
+                    policy = self.policy_loss(velocity, x_t, x0, t, target, advantages[rows], index, cond)
+                    total = policy
+                    if self.fwd.kl_coef:
+                        with torch.no_grad():
+                            ref = self.reference.velocity(x_t, t, cond)
+                        kl = per_sample_mse(velocity, ref).mean()
+                        total = total + self.fwd.kl_coef * kl
+                        logs.add("kl_ref", kl, share)
+                    (shard.weigh(total, share) / per_step).backward()
+                    logs.add("loss_policy", policy, share)
                 if (n + 1) % per_step == 0 or n + 1 == len(order):
-                    logs["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)))
+                    shard.sync(self.params)
+                    logs.add("grad_norm", torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm), None)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                logs.next()
         self.iteration += 1
         self.after_iteration()
-        result = {key: sum(values) / len(values) for key, values in logs.items()}
+        result = logs.result()
         result["advantage_abs"] = float(advantages.abs().mean())
         return result
 

@@ -19,8 +19,6 @@ generator whose layout adapter has IDM (`require_idm`).
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
@@ -28,6 +26,7 @@ from torchrl.objectives import ClipPPOLoss
 
 from diffrl.algos.sft import Paired, flow_matching_loss
 from diffrl.config import AlgoConfig
+from diffrl.distributed.learners import WHOLE
 from diffrl.errors import UserError
 from diffrl.policies.actor import LOG_PROB_KEY, OBSERVATION_KEYS, SDEPolicyNet
 from diffrl.policies.lora import TrainableOnly, has_lora
@@ -43,6 +42,7 @@ class RefKLClipPPOLoss(ClipPPOLoss):
         self._reference = (reference,)  # a tuple, so its weights are not this module's parameters
         self.kl_coef = kl_coef
         self.log_prob_reduce = log_prob_reduce
+        self.moments = False  # --learners N: also give the critic's target/residual moments (explained_variance's parts)
         self._dist = None
 
     def _get_cur_log_prob(self, tensordict, params=None):
@@ -61,6 +61,13 @@ class RefKLClipPPOLoss(ClipPPOLoss):
             kl = kl / dist.loc[0].numel()
         out.set("kl_ref", kl.mean().detach())
         out.set("loss_kl", self.kl_coef * kl.mean())
+        if self.moments and "explained_variance" in out.keys():
+            with torch.no_grad():
+                target = tensordict["value_target"].float()
+                error = target - self.critic_network(tensordict.select(*self.critic_network.in_keys).clone())[
+                    "state_value"].float()
+                out.set("stat_ev", torch.stack([target.mean(), target.var(correction=0), error.mean(),
+                                                error.var(correction=0)]))
         return out
 
 
@@ -80,6 +87,7 @@ class Learner:
     """The update loop shared by the clipped-surrogate learners."""
 
     name = "base"
+    shard = WHOLE  # this process is the only learner; `diffrl.distributed.learners` sets a Shard in each of N
 
     def __init__(self, policy: SDEPolicyNet, reference: SDEPolicyNet, actor, cfg: AlgoConfig, critic=None):
         require_idm(cfg, policy.generator)
@@ -148,7 +156,9 @@ class Learner:
             advantage = self.advantages(flat, flat["reward"]).reshape(batch.shape)
         batch.set("advantage", advantage.unsqueeze(-1))
         batch.set("value_target", batch["reward"].unsqueeze(-1))
-        logs: dict[str, list[float]] = defaultdict(list)
+        shard = self.shard  # --learners N: this process's rows of each minibatch (`diffrl.distributed.learners`)
+        self.loss.moments = shard.world > 1
+        logs = shard.logs()
         b, window = batch.shape
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         chunks = [(step, start) for step in range(window) for start in range(0, b, self.cfg.minibatch_size)]
@@ -156,36 +166,46 @@ class Learner:
         for _ in range(self.cfg.epochs):
             order = [chunks[i] for i in torch.randperm(len(chunks)).tolist()]
             for n, (step, start) in enumerate(order):
-                out = self.loss(batch[start : start + self.cfg.minibatch_size, step])
-                if (dis := self.dis_loss()) is not None:  # of the forward that just scored this minibatch
-                    out.set("loss_dis", dis)
-                total = sum(v for k, v in out.items() if k.startswith("loss_"))
-                (total / per_step).backward()
-                for key, value in out.items():
-                    logs[key].append(float(value.detach()))
+                rows, share = shard.part(start, min(self.cfg.minibatch_size, b - start))
+                if share:
+                    out = self.loss(batch[rows, step])
+                    if (dis := self.dis_loss()) is not None:  # of the forward that just scored this minibatch
+                        out.set("loss_dis", dis)
+                    total = sum(v for k, v in out.items() if k.startswith("loss_"))
+                    (shard.weigh(total, share) / per_step).backward()
+                    for key, value in out.items():
+                        logs.add(key, value, share)
                 if (n + 1) % per_step == 0 or n + 1 == len(order):
-                    if (ldm := self.ldm_loss(paired)) is not None:
-                        ldm.backward()
-                        logs["loss_ldm"].append(float(ldm.detach()))
+                    if (ldm := self.ldm_loss(paired)) is not None:  # every process: the whole paired batch
+                        shard.weigh(ldm, shard.replicated).backward()
+                        logs.add("loss_ldm", ldm, None)
                     if self.cfg.anchor_steps and rollout.shape[1] > self.policy.window_end:  # joins this step's gradient
-                        anchor = self.cfg.kl_coef * self.anchor_loss(rollout)
-                        anchor.backward()
-                        logs["loss_anchor"].append(float(anchor.detach()))
-                    logs["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)))
+                        rows, share = shard.part(0, rollout.shape[0])
+                        anchor = self.anchor_loss(rollout, rows)
+                        if share:
+                            anchor = self.cfg.kl_coef * anchor
+                            shard.weigh(anchor, share).backward()
+                            logs.add("loss_anchor", anchor, share)
+                    shard.sync(params)
+                    logs.add("grad_norm", torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm), None)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-        result = {key: sum(values) / len(values) for key, values in logs.items()}
+                logs.next()
+        result = logs.result()
         result["advantage_abs"] = float(advantage.abs().mean())
         return result
 
-    def anchor_loss(self, rollout: TensorDictBase) -> torch.Tensor:
+    def anchor_loss(self, rollout: TensorDictBase, rows: slice = slice(None)) -> torch.Tensor | None:
         """KL to the reference at ``anchor_steps`` random steps *after* the window, scored as if they carried
-        the SDE's noise (they are deterministic, but the weights they run on are shared with the window)."""
+        the SDE's noise (they are deterministic, but the weights they run on are shared with the window); over the
+        samples ``rows`` (None when that is none: the steps are drawn all the same, as every learner process must)."""
         end = self.policy.window_end
         steps = end + torch.randperm(rollout.shape[1] - end)[: self.cfg.anchor_steps]
+        if rows != slice(None) and rows.stop <= rows.start:
+            return None
         total = 0.0
         for step in steps.tolist():
-            latent, sigma, sigma_next, _, layout_index = (rollout[:, step][k] for k in OBSERVATION_KEYS)
+            latent, sigma, sigma_next, _, layout_index = (rollout[rows, step][k] for k in OBSERVATION_KEYS)
             mean, std = self.policy.mean_std(latent, sigma, sigma_next, layout_index, self.policy.noise_level)
             with torch.no_grad():
                 ref_mean, _ = self.reference.mean_std(latent, sigma, sigma_next, layout_index, self.policy.noise_level)

@@ -47,9 +47,11 @@ from diffrl.algos.checkpoint import (capture_rng, latest_checkpoint, load_checkp
                                     save_checkpoint)
 from diffrl.algos.forward import require_flow
 from diffrl.algos.learner import require_idm
+from diffrl.algos.replica import learner_replica
 from diffrl.algos.sft import Paired
 from diffrl.config import (TrainConfig, chunk_layouts, http_options, is_forward_learner, rollout_window, save_yaml,
                            uses_paired_data, uses_ray)
+from diffrl.distributed.learners import LearnerGroup
 from diffrl.distributed.ray_workers import ScaleOut
 from diffrl.envs.datasets import JsonlLayouts, make_source
 from diffrl.errors import UserError
@@ -154,6 +156,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         else:
             reference = SDEPolicyNet(frozen_copy(generator), store, cfg.policy.noise_level, *rollout_window(cfg))
             learner = algo_cls(policy, reference, actor, cfg.algo)
+        if cfg.ray.learners > 1:  # the update on N Ray Train processes; rollouts and evaluation stay here
+            learner = cleanup.enter_context(LearnerGroup(cfg, learner, generator, store, learner_replica))
 
         uses_pairs = uses_paired_data(cfg)
         eval_set = evaluation.layouts
@@ -240,7 +244,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     bar.set_postfix(reward=f"{entry['reward_mean']:.3f}", kl=f"{logs.get('kl_ref', 0):.3g}")
                 if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations:
                     rng = capture_rng(env.noise_generator, source, device)
-                    save_checkpoint(checkpoints, iteration + 1, learner.trainable_modules(), learner.optimizer, rng)
+                    if isinstance(learner, LearnerGroup):  # every learner writes its part (torch.distributed.checkpoint)
+                        learner.save_checkpoint(checkpoints, iteration + 1, rng)
+                    else:
+                        save_checkpoint(checkpoints, iteration + 1, learner.trainable_modules(), learner.optimizer, rng)
                     atomic_write_text(run / "base.json", json.dumps(
                         {**base, "wall_seconds_so_far": wall_before + time.time() - started_run}, indent=2) + "\n")
                 down = down + 1 if _reward_down(errors, len(valid)) else 0
