@@ -1,0 +1,156 @@
+"""``--learners N``: the update on N Ray Train processes equals one process's on the same samples.
+
+2 = 1: two gloo processes, each on its rows of every minibatch with gradients summed before the clip, leave the
+parameters where one process does (the Shapes default with PPO — critic, uneven shards — and LoRA on a tiny SD3
+folder with GRPO), and the logs agree. What they cannot agree on bit for bit: a row's log-probability is a float32 sum
+over every latent dimension, whose last bits depend on how many rows its forward ran with; the importance ratios then
+differ by ~1e-4 from one process's (which are exactly 1 on the first pass) and so do the gradients, relatively.
+Adam's first step is ±lr on every coordinate, so a gradient that is zero within that noise may flip sign: the tests
+take lr = 4e-6, where such a flip moves a weight by at most 8e-6. (The exact resume of a 2-learner run, SIGKILLed,
+is in test_sigkill_resume.py.)"""
+
+import logging
+import math
+
+import pytest
+import torch
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from diffrl.algos.replica import learner_replica
+from diffrl.config import build_config
+from diffrl.distributed.learners import combine_logs
+from diffrl.distributed.ray_workers import trainable_weights
+from diffrl.envs.layout_env import LayoutEnv
+from diffrl.errors import UserError
+from diffrl.rewards import ShapesReward
+from diffrl.shapes.world import sample_layouts
+from tests.test_sd3 import build_tiny_sd3
+
+
+def test_logs_of_shards_combine_into_the_one_process_values():
+    ratios = torch.tensor([0.5, 1.0, 2.0, 4.0, 1.5])  # one minibatch of 5 rows, split 2 + 3
+    target, value = torch.tensor([1.0, 2.0, 0.5, 3.0, 2.5]), torch.tensor([0.8, 2.5, 0.0, 3.0, 2.0])
+
+    def records(rows, share):
+        w, t, e = ratios[rows], target[rows], target[rows] - value[rows]
+        ess = float(w.sum() ** 2 / (w**2).sum()) / len(w)
+        ev = [float(t.mean()), float(t.var(correction=0)), float(e.mean()), float(e.var(correction=0))]
+        return [(0, "loss_objective", float(w.mean()), share), (0, "mean_ratio", float(w.mean()), share),
+                (0, "max_ratio", float(w.max()), share), (0, "ESS", ess, share), (0, "stat_ev", ev, share),
+                (0, "explained_variance", 0.0, share), (0, "grad_norm", 7.0, None)]
+
+    got = combine_logs([records(slice(0, 2), 2 / 5), records(slice(2, 5), 3 / 5)])
+    e = target - value
+    assert got["loss_objective"] == pytest.approx(float(ratios.mean()))
+    assert got["max_ratio"] == 4.0 and got["grad_norm"] == 7.0 and "stat_ev" not in got
+    assert got["ESS"] == pytest.approx(float(ratios.sum() ** 2 / (ratios**2).sum()) / 5)
+    assert got["explained_variance"] == pytest.approx(1 - float(e.var(correction=0) / target.var(correction=0)))
+
+
+def test_fsdp_is_one_line_until_it_exists(tmp_path):
+    from diffrl.distributed.learners import LearnerGroup
+
+    cfg = build_config({"ray": {"learners": 2, "learner_strategy": "fsdp"}, "out": str(tmp_path)})
+    with pytest.raises(UserError, match="learner_strategy=fsdp"):
+        LearnerGroup(cfg, None, None, None, learner_replica)
+
+
+def test_a_dcp_checkpoint_folder_loads_like_the_file_in_one_process(tmp_path, one_thread):
+    """The folder N learners write (here written by one process) holds the file's tensors and loads the same way."""
+    import torch.distributed.checkpoint as dcp
+
+    from diffrl.algos.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from diffrl.distributed.dcp import flat_state
+
+    cfg = build_config({"env": {"layouts_per_iter": 2, "group_size": 2, "num_steps": 2}, "algo": {"name": "ppo"}})
+    learner, generator, _ = learner_replica(cfg, torch.device("cpu"), {})
+    for p in learner.critic.parameters():  # an optimizer state to keep
+        p.grad = torch.randn_like(p)
+    learner.optimizer.step()
+    rng = {"torch": torch.get_rng_state()}
+    file = save_checkpoint(tmp_path / "a", 3, learner.trainable_modules(), learner.optimizer, rng)
+    tensors, meta = flat_state(learner.trainable_modules(), learner.optimizer, rng, 3)
+    folder = tmp_path / "b" / "checkpoint-000003"
+    dcp.save(tensors, checkpoint_id=str(folder), no_dist=True)
+    (folder / "meta.json").write_text(__import__("json").dumps(meta))
+    assert latest_checkpoint(tmp_path / "b") == folder
+    got = []
+    for path in (file, folder):
+        fresh, _, _ = learner_replica(cfg, torch.device("cpu"), {})
+        iteration, state = load_checkpoint(path, fresh.trainable_modules(), fresh.optimizer)
+        got.append((iteration, state, flat_state(fresh.trainable_modules(), fresh.optimizer, {}, 0)[0]))
+    (i1, s1, t1), (i2, s2, t2) = got
+    assert i1 == i2 == 3 and torch.equal(s1["torch"], s2["torch"]) and t1.keys() == t2.keys()
+    assert all(torch.equal(t1[k], t2[k]) for k in t1) and any(k.startswith("optimizer.") for k in t1)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+class Layouts:
+    def sample(self, n):
+        return sample_layouts(n, [2, 3], seed=1)
+
+
+def one_and_two(cfg):
+    """One iteration's rollout, updated by one process and by a 2-learner group from the same state and RNG
+    → (one's parameters, the group's driver parameters, one's logs, the group's logs)."""
+    from diffrl.distributed.learners import LearnerGroup
+
+    device = torch.device("cpu")
+    learner, generator, store = learner_replica(cfg, device, {})
+    initial = trainable_weights(generator)
+    env = LayoutEnv(generator, ShapesReward(), Layouts(), store, layouts_per_reset=cfg.env.layouts_per_iter,
+                    group_size=cfg.env.group_size, num_steps=cfg.env.num_steps, device=device)
+    actor = learner.loss.actor_network
+    with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+        rollout = env.rollout(cfg.env.num_steps, actor, auto_reset=True)
+    torch.manual_seed(5)
+    logs_one = learner.update(rollout.clone())
+    rng_one = torch.get_rng_state()
+
+    driver, driver_generator, driver_store = learner_replica(cfg, device, initial)
+    driver_store.set(store.layouts, store.conditioning)
+    with LearnerGroup(cfg, driver, driver_generator, driver_store, learner_replica) as group:
+        torch.manual_seed(5)
+        logs_two = group.update(rollout.clone())
+    assert torch.equal(torch.get_rng_state(), rng_one)  # the driver's RNG stream is one process's
+    trained = {k: p.detach() for k, p in generator.denoiser.named_parameters() if p.requires_grad}
+    grouped = {k: p.detach() for k, p in driver_generator.denoiser.named_parameters() if p.requires_grad}
+    return trained, grouped, initial, logs_one, logs_two
+
+
+def check(trained, grouped, initial, logs_one, logs_two):
+    assert trained.keys() == grouped.keys() == initial.keys()
+    assert max(float((trained[k] - initial[k]).abs().max()) for k in trained) > 1e-6  # the update moved weights
+    assert max(float((trained[k] - grouped[k]).abs().max()) for k in trained) <= 1e-5
+    assert logs_two["allreduce_bytes"] >= sum(t.numel() * t.element_size() for t in initial.values())
+    for key, value in logs_one.items():  # the ratio noise of the module docstring, and nothing more
+        assert math.isclose(logs_two[key], value, rel_tol=1e-3, abs_tol=2e-4), (key, value, logs_two[key])
+
+
+def test_two_learners_equal_one_on_the_shapes_default(ray_local, tmp_path, one_thread):
+    cfg = build_config({"env": {"layouts_per_iter": 3, "group_size": 2, "num_steps": 3}, "out": str(tmp_path),
+                        "algo": {"name": "ppo", "lr": 4e-6, "minibatch_size": 4},  # minibatches of 4 and 2 rows
+                        "ray": {"learners": 2}})
+    check(*one_and_two(cfg))
+
+
+def test_two_learners_equal_one_with_lora_on_sd3(ray_local, tmp_path, one_thread):
+    folder = tmp_path / "sd3"
+    build_tiny_sd3(folder)
+    cfg = build_config({"model": {"name": str(folder)}, "env": {"layouts_per_iter": 2, "group_size": 3, "num_steps": 2},
+                        "algo": {"name": "grpo", "lr": 4e-6, "minibatch_size": 3}, "ray": {"learners": 2},
+                        "out": str(tmp_path / "run")})
+    trained, grouped, initial, logs_one, logs_two = one_and_two(cfg)
+    assert any("lora_" in k for k in trained)  # LoRA (and the adapter) train; the backbone never travels
+    check(trained, grouped, initial, logs_one, logs_two)
