@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -213,7 +214,6 @@ class Mailbox:
         self.tasks: dict[int, dict] = {}
         self.taken: dict[int, int] = defaultdict(int)
         self.replies: dict[int, dict[int, Any]] = defaultdict(dict)
-        self.pids: dict[int, int] = {}
         self.changed = asyncio.Condition()
 
     async def put(self, seq: int, task: dict) -> None:
@@ -242,12 +242,6 @@ class Mailbox:
                                         or any(isinstance(v, dict) and "error" in v for v in self.replies[seq].values()))
             return self.replies.pop(seq)
 
-    async def hello(self, rank: int, pid: int) -> None:
-        self.pids[rank] = pid
-
-    def learner_pids(self) -> dict[int, int]:
-        return dict(self.pids)
-
 
 # ------------------------------------------------------------------------------------- a learner process
 
@@ -265,7 +259,6 @@ def learner_loop(config: dict) -> None:
     device = ray.train.torch.get_device() if cfg.model.device.startswith("cuda") else torch.device("cpu")
     learner, generator, store = config["replica"](cfg, device, ray.get(config["initial"]))
     learner.shard = Shard(rank, world)
-    ray.get(box.hello.remote(rank, os.getpid()))
     for seq in range(1 << 62):
         task = ray.get(box.take.remote(seq))
         if task["kind"] == "stop":
@@ -365,7 +358,7 @@ class LearnerGroup:
                                    "threads": max(1, int(cfg.ray.learner_cpus))},
                 torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
                 scaling_config=ScalingConfig(num_workers=world, use_gpu=cuda, resources_per_worker=resources),
-                run_config=RunConfig(name="learners", storage_path=str(run / "ray_train"),
+                run_config=RunConfig(name=f"learners-{os.getpid()}-{time.time_ns()}", storage_path=str(run / "ray_train"),
                                      failure_config=FailureConfig(max_failures=0)),
             )
             self.thread = threading.Thread(target=self._fit, args=(trainer,), name="diffrl-learners", daemon=True)
@@ -441,11 +434,6 @@ class LearnerGroup:
         os.replace(tmp, final)
         prune(folder, keep)
         return final
-
-    def learner_pids(self) -> dict[int, int]:
-        import ray
-
-        return ray.get(self.box.learner_pids.remote())
 
     # --- plumbing
 
