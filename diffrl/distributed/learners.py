@@ -257,6 +257,8 @@ def learner_loop(config: dict) -> None:
     cfg, box = config["cfg"], config["box"]
     torch.set_num_threads(config["threads"])
     device = ray.train.torch.get_device() if cfg.model.device.startswith("cuda") else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's object collectives (the logs, DCP's planning) use the current device
     learner, generator, store = config["replica"](cfg, device, ray.get(config["initial"]))
     learner.shard = Shard(rank, world)
     for seq in range(1 << 62):
