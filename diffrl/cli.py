@@ -229,7 +229,7 @@ def _eval_layouts(args) -> tuple[list, int]:
     """``diffrl eval``'s layouts and leakage probe count: ``--data`` read as `diffrl train`'s eval.data is
     (`diffrl.eval.data.load_layouts`); with ``--checkpoint`` and no ``--data``, the run's own evaluation set."""
     from diffrl.config import TrainConfig
-    from diffrl.envs.datasets import make_source, shapes_world
+    from diffrl.envs.datasets import make_source, model_data, shapes_world
     from diffrl.eval.data import eval_data, load_layouts
 
     if args.leakage is not None and args.leakage < 0:
@@ -243,7 +243,7 @@ def _eval_layouts(args) -> tuple[list, int]:
         evaluation = eval_data(run_cfg)  # the layouts its summary.json was scored on
         print(f"evaluating on {evaluation.name} (the run's eval.data; pass --data to choose another)", file=sys.stderr)
         return evaluation.layouts, 0
-    data = args.data or (run_cfg.env.data if run_cfg is not None else TrainConfig().env.data)
+    data = args.data or (run_cfg.env.data if run_cfg is not None else model_data(args.model or TrainConfig().model.name))
     if shapes_world(data) is not None:
         make_source(data, args.levels, seed=args.seed)  # checks the levels
         layouts = load_layouts(data, layouts=args.layouts, levels=args.levels, seed=args.seed)
@@ -314,7 +314,7 @@ def cmd_eval(args) -> int:
         print(f"wrote {out}")
         if args.judge == "cocomig":
             settings = {"judge": "cocomig (LeyRio/MIG_Bench eval_mig.py protocol)",
-                        "data": args.data or TrainConfig().env.data,
+                        "data": args.data or "the Shapes held-out set",
                         "generator": args.checkpoint or args.model or TrainConfig().model.name, "steps": args.steps,
                         "seed": args.seed, "grounder": args.reward_model or "IDEA-Research/grounding-dino-tiny",
                         "object mask": f"SAM {args.sam_model}" if args.sam_model else "detected box (no --sam-model)"}

@@ -29,7 +29,7 @@ def option(default: Any, help: str):
 
 @dataclass
 class ModelConfig:
-    name: str = option("shapes-tiny", "--model: a registered generator name or a generator folder")
+    name: str = option("shapes-mislabeled", "--model: a registered generator name (shapes-mislabeled, the default's base; shapes-tiny, the hard benchmark) or a generator folder")
     device: str = option("cpu", "device for generator, env and learner (cpu, cuda, cuda:1)")
     text_cache: int = option(4096, "text embeddings kept between batches (0: encode every batch afresh, slower)")
     dtype: str = option("float32", "weights and activations of the generator: float32, bfloat16 or float16 (log-probs are float32 always)")
@@ -47,7 +47,7 @@ class ModelConfig:
 @dataclass
 class EnvConfig:
     name: str = option("layout", "--env: the environment")
-    data: str = option("shapes", "--data: a dataset name or a JSONL file of layouts")
+    data: str = option("", "--data: a dataset name or a JSONL file of layouts ('': the Shapes world the model was pre-trained in, shapes for other models)")
     levels: list = option([2, 3, 4, 5, 6], "Shapes levels (instance counts) to train on")
     layouts_per_iter: int = option(64, "distinct layouts per iteration")
     group_size: int = option(4, "samples per layout (GRPO groups)")
@@ -66,7 +66,7 @@ class PolicyConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = option("ppo", "--algo: the learner")
+    name: str = option("nft", "--algo: the learner (nft, DiffusionNFT: the default, the one that learns most on the embedded default; awm; ppo, I-DRUID's actor-critic; grpo; sft)")
     lr: float = option(1e-5, "learning rate of the generator (awm, nft: 1e-4, their own default)")
     epochs: int = option(1, "passes over each iteration's transitions")
     minibatch_size: int = option(64, "samples of one denoising step per gradient step (≥ batch: the whole step)")
@@ -91,6 +91,7 @@ class ForwardConfig:
     time_sampling: str = option("schedule", "AWM/NFT: where those times are drawn: schedule (the sampling schedule's times) or uniform (U(0, 1))")
     crn: bool = option(True, "AWM/NFT: the samples of a group share their (t, ε) draws (common random numbers), so what they have in common cancels under zero-mean advantages")
     kl_coef: float = option(0.0001, "AWM/NFT: weight of ‖v_θ − v_ref‖² to the initial model (DiffusionNFT: 1e-4)")
+    awm_power: float = option(0.25, "AWM: p of the weighting w(ℓ, t) = t/p·((ℓ+ε)^p − ε^p) of the matching loss ℓ (Flow-Factory's ghuber: 0.25; 1: w(ℓ) = ℓ, the plain loss)")
     nft_beta: float = option(1.0, "NFT: β of v± = v_old ± β·(v_θ − v_old) (DiffusionNFT: 1.0)")
     adv_clip: float = option(5.0, "NFT: advantages are clipped to ±this before r = A/(2·clip) + 1/2 (DiffusionNFT: 5)")
     old_uprate: float = option(0.001, "NFT: v_old ← η·v_old + (1−η)·v_θ after each iteration, η = min(old_uprate·iteration, old_uphold)")
@@ -271,11 +272,11 @@ def load_yaml(path: str | Path) -> dict:
 # A learner's own defaults where the shared ones do not suit it: they sit between the global defaults and a user's
 # settings (YAML, flags, overrides), which win. The forward-process learners take many small Adam steps on a fresh
 # flow-matching loss, where the window learners take one accumulated step on a clipped surrogate. AWM's negative
-# weights are unbounded (−A·‖v − v*‖² grows without limit), so it keeps a strong velocity KL; NFT's implicit negative
-# policy is bounded and keeps DiffusionNFT's 1e-4.
+# weights are unbounded (−A·w(ℓ) falls without limit as ℓ grows), so it keeps a velocity KL of 0.1 (Flow-Factory's
+# ema_kl_beta); NFT's implicit negative policy is bounded and keeps DiffusionNFT's 1e-4.
 LEARNER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "awm": {"algo.lr": 1e-4, "algo.accumulate": False, "forward.kl_coef": 1.0},
-    "nft": {"algo.lr": 1e-4, "algo.accumulate": False},
+    "awm": {"algo.lr": 1e-4, "algo.accumulate": False, "forward.kl_coef": 0.1, "iterations": 20},
+    "nft": {"algo.lr": 1e-4, "algo.accumulate": False, "iterations": 20},
 }
 
 
@@ -293,6 +294,10 @@ def build_config(yaml_data: dict | None = None, overrides: list[tuple[str, Any]]
         for key, value in own.items():
             set_value(cfg, key, value)
         cfg = settle(cfg)
+    if not cfg.env.data:
+        from diffrl.envs.datasets import model_data
+
+        cfg.env.data = model_data(cfg.model.name)
     validate(cfg)
     return cfg
 
@@ -357,6 +362,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"config forward.time_sampling: 'schedule' or 'uniform', got {f.time_sampling!r}")
     if f.timesteps < 1:
         raise UserError(f"config forward.timesteps: must be ≥ 1, got {f.timesteps}")
+    if not 0 < f.awm_power <= 1:
+        raise UserError(f"config forward.awm_power: in (0, 1] (1: the plain matching loss), got {f.awm_power}")
     if f.nft_beta <= 0 or f.adv_clip <= 0 or f.kl_coef < 0 or not 0 <= f.old_uphold < 1 or f.old_uprate < 0:
         raise UserError("config forward: nft_beta and adv_clip must be > 0, kl_coef and old_uprate ≥ 0, old_uphold in [0, 1)")
     if not 0 <= cfg.eval.holdout < 1:

@@ -66,7 +66,8 @@ def test_list_prints_every_registry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     for line in ("env (--env): layout", "reward (--reward): cycle, gdino, http, shapes",
-                 "algo (--algo): awm, grpo, nft, ppo, sft", "model (--model): shapes-tiny"):
+                 "algo (--algo): awm, grpo, nft, ppo, sft", "model (--model): shapes-mislabeled, shapes-tiny",
+                 "data (--data): shapes, shapes-loose"):
         assert line in out
 
 
