@@ -36,7 +36,7 @@ def write(tmp_path, data, name="sweep.yaml"):
     ({"seeds": [0, 0]}, "seeds: expected a list of distinct integers"),
     ({"rows": {"a": {"model.name": "idm"}}}, "rows a: model.name 'idm': not a registered model"),
     ({"models": {"idm": {"pretrain": {"stepz": 3}}}}, "unknown key of models idm: pretrain 'stepz'; did you mean steps?"),
-    ({"models": {"m": {"pretrain": {"steps": 2}}}, "rows": {"a": {"model.name": "m", "algo.dis_coef": 0.1}}},
+    ({"models": {"m": {"pretrain": {"steps": 2}}}, "rows": {"a": {"model.name": "m", "algo.name": "ppo", "algo.dis_coef": 0.1}}},
      "algo.dis_coef needs a generator with IDM"),
     ({"metrics": ["isr_L9"]}, "unknown metric 'isr_L9'"),
     ({"leakage_layouts": 0, "metrics": ["leakage"]}, "metrics: leakage needs leakage_layouts > 0"),

@@ -368,7 +368,8 @@ def test_joint_loss_with_a_fresh_idm_trains_a_saved_sd15_folder(sd_folder, tmp_p
 
 
 def test_dis_coef_without_idm_on_a_plain_sd15_folder_is_one_line(sd_folder, tmp_path, capsys):
-    code = main(["train", "--model", str(sd_folder), "--out", str(tmp_path / "run"), "--quiet", "algo.dis_coef=0.1"])
+    code = main(["train", "--model", str(sd_folder), "--algo", "ppo", "--out", str(tmp_path / "run"), "--quiet",
+                 "algo.dis_coef=0.1"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "model.idm=true" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()

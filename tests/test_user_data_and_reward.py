@@ -79,11 +79,13 @@ def test_the_held_out_part_is_deterministic_and_never_trained_on(files):
 
 
 def test_the_default_shapes_run_evaluates_on_the_same_held_out_set_as_before():
-    cfg = build_config()
+    cfg = build_config()  # the default base is a loose-world model: its world's held-out set
     evaluation = eval_data(cfg)
-    assert evaluation.layouts == held_out_layouts(cfg.eval.layouts, cfg.eval.levels, cfg.eval.seed)
+    assert evaluation.layouts == held_out_layouts(cfg.eval.layouts, cfg.eval.levels, cfg.eval.seed, "loose")
     assert evaluation.train_layouts is None and evaluation.held_out == 0
-    assert evaluation.layouts == sample_layouts(250, [2, 3, 4, 5, 6], seed=1234, balanced=True)
+    assert evaluation.layouts == sample_layouts(250, [2, 3, 4, 5, 6], seed=1234, balanced=True, world="loose")
+    classic = eval_data(build_config({}, [("model.name", "shapes-tiny")]))  # the hard benchmark's set is unchanged
+    assert classic.layouts == sample_layouts(250, [2, 3, 4, 5, 6], seed=1234, balanced=True)
 
 
 def test_reward_options_accept_any_key_from_yaml_and_the_command_line():
