@@ -5,8 +5,8 @@
 For a generator (a registered name such as ``shapes-tiny``, a generator folder) or a `diffrl train` run folder
 (its last checkpoint), draws ``--n`` deterministic ODE samples of each of the held-out layouts that
 `diffrl train` scores (``eval.*`` defaults: 250 L2–L6 layouts, seed 1234, of ``--world``'s box rules: by default the
-world the first model was pre-trained in, as `diffrl train` picks it), each from
-its own initial noise (seeds 1234, 1235, ...; the first is the summary's own), and reports
+world of the first run's training data, or the world the first model was pre-trained in, as `diffrl train` picks
+it), each from its own initial noise (seeds 1234, 1235, ...; the first is the summary's own), and reports
 
   one sample      ISR of the first noise (what `diffrl train`'s summary prints) and the mean over the N noises
   best by reward  ISR when each layout keeps the sample the reward ranks first: what a learner that makes the
@@ -81,10 +81,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args(argv)
-    if args.world is None:
+    if args.world is None:  # a run's own training data (config.yaml has it resolved), or the model's world
         run_config = Path(args.models[0]) / "config.yaml"
-        model = yaml.safe_load(run_config.read_text())["model"]["name"] if run_config.is_file() else args.models[0]
-        args.world = shapes_world(model_data(model)) or "classic"
+        data = yaml.safe_load(run_config.read_text())["env"]["data"] if run_config.is_file() else model_data(args.models[0])
+        args.world = shapes_world(data) or "classic"
     layouts = held_out_layouts(args.layouts, defaults.levels, args.seed, world=args.world)
     results = {}
     print(f"{'model':40s} one     mean    best/reward  best/ISR  any right   (N={args.n}, {len(layouts)} layouts)")
