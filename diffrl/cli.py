@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="where to write eval.json (default: beside the checkpoint, else stdout only); "
                     "the cocomig report goes beside it with the suffix .html")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("overrides", nargs="*", metavar="reward.options.key=value",
+                    help="the reward's constructor options, as `diffrl train` takes them")
 
     pre = sub.add_parser("pretrain", help="train the tiny Shapes generator from scratch by flow matching")
     pre.add_argument("--data", default="shapes", help="only 'shapes' (rendered pairs)")
@@ -255,6 +257,21 @@ def _eval_layouts(args) -> tuple[list, int]:
     return load_layouts(args.data, args.format), 0
 
 
+def _reward_options(overrides: list[str]) -> dict:
+    """``diffrl eval``'s ``reward.options.key=value`` overrides → the reward's constructor options, read as `diffrl
+    train` reads them (`diffrl.config.parse_override`, `set_value`); any other key is a user error."""
+    from diffrl.config import TrainConfig, parse_override, set_value
+
+    cfg = TrainConfig()
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.split(".")[:2] != ["reward", "options"]:
+            raise UserError(f"diffrl eval: {key}: only the reward's constructor options (reward.options.key=value) "
+                            "are set on its command line")
+        set_value(cfg, key, value)
+    return cfg.reward.options
+
+
 def cmd_eval(args) -> int:
     from diffrl.config import TrainConfig
     from diffrl.eval.evaluate import evaluate, generate
@@ -265,15 +282,16 @@ def cmd_eval(args) -> int:
     if args.judge == "cocomig":
         from diffrl.eval.cocomig import CocoMigJudge, SamSegmenter, cocomig_grounder
 
-        if args.reward is not None:
-            raise UserError("--reward has no effect with --judge cocomig, which grounds with --reward-model")
+        if args.reward is not None or args.overrides:
+            what = "--reward" if args.reward is not None else "reward.options"
+            raise UserError(f"{what} has no effect with --judge cocomig, which grounds with --reward-model")
         CocoMigJudge.check(layouts)  # phrases it cannot read fail before any weights load
         judge = CocoMigJudge(cocomig_grounder(args.reward_model),
                              SamSegmenter(args.sam_model) if args.sam_model else None)
     else:
         if args.sam_model:
             raise UserError("--sam-model is for --judge cocomig")
-        reward = build_reward(args.reward or "shapes", args.reward_model)
+        reward = build_reward(args.reward or "shapes", args.reward_model, _reward_options(args.overrides))
     out = Path(args.out) if args.out else None
     if args.checkpoint:
         from diffrl.algos.checkpoint import latest_checkpoint
@@ -451,9 +469,9 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
         overrides = [e for e in extra if "=" in e and not e.startswith("-")]
         unknown = [e for e in extra if e not in overrides]
-        if unknown or (overrides and args.command != "train"):
+        if unknown or (overrides and args.command not in ("train", "eval")):
             parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
-        if args.command == "train":
+        if args.command in ("train", "eval"):
             args.overrides = args.overrides + overrides
         if args.command is None:
             parser.print_help()
