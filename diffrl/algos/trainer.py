@@ -55,7 +55,7 @@ from diffrl.distributed.ray_workers import ScaleOut
 from diffrl.envs.datasets import JsonlLayouts, make_source
 from diffrl.errors import UserError
 from diffrl.files import atomic_write_text
-from diffrl.eval.data import eval_data
+from diffrl.eval.data import EvalData, eval_data
 from diffrl.eval.evaluate import evaluate
 from diffrl.eval.visualize import save_grid
 from diffrl.policies.actor import SDEPolicyNet, make_actor
@@ -134,7 +134,7 @@ class _Parts:
 
     device: torch.device
     source: object  # the training layouts (`diffrl.envs.datasets`)
-    evaluation: object  # eval.data's layouts (`diffrl.eval.data.EvalData`)
+    evaluation: EvalData  # eval.data's layouts, and what the --data file holds out for them
     reward: Reward | None  # None with --reward-workers: the reward actors score
     env_cls: type
     algo_cls: type
