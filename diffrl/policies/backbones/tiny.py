@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from diffrl.policies.backbones.mmdit import LayoutMMDiT
-from diffrl.policies.generator import LatentSpace, LayoutGenerator
+from diffrl.policies.layout_generator import LatentSpace, LayoutGenerator
 from diffrl.policies.text import TextEncoder, build_word_tokenizer
 from diffrl.registry import MODELS
 from diffrl.shapes.world import COLORS, SHAPES
