@@ -59,14 +59,25 @@ def add_serve_reward(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffrl.config import TrainConfig, field_help
-    from diffrl.eval.readers import FORMATS
-    from diffrl.registry import ALGOS, DATASETS, ENVS, MODELS, REWARDS
-
+    """The ``diffrl`` parser, one subcommand at a time (each ``add_<command>`` below)."""
     _registries()
     parser = Parser(prog="diffrl", description="RL fine-tuning of layout-to-image generators.")
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,pretrain,sweep,export,serve-reward,list}",
                                 parser_class=Parser)
+    add_train(sub)
+    add_eval(sub)
+    add_pretrain(sub)
+    add_sweep(sub)
+    add_export(sub)
+    add_serve_reward(sub)
+    sub.add_parser("list", help="print every registry")
+    return parser
+
+
+def add_train(sub) -> None:
+    """The ``train`` subcommand: named flags for the common settings, ``section.field=value`` for every other."""
+    from diffrl.config import field_help
+    from diffrl.registry import ALGOS, DATASETS, ENVS, MODELS, REWARDS
 
     keys = "\n".join(f"  {key} = {default!r}  — {help}" for key, default, help in field_help())
     train = sub.add_parser(
@@ -98,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("overrides", nargs="*", metavar="section.field=value")
 
+
+def add_eval(sub) -> None:
+    """The ``eval`` subcommand: a generator or a run, judged by a reward or COCO-MIG's protocol."""
+    from diffrl.config import TrainConfig
+    from diffrl.eval.readers import FORMATS
+    from diffrl.registry import MODELS, REWARDS
+
     ev = sub.add_parser("eval", help="ISR / mIoU per level (and Shapes attribute leakage) of a generator or a run")
     source = ev.add_mutually_exclusive_group()
     source.add_argument("--model", help=f"generator: {_names(MODELS)} or a local folder (default: `diffrl train`'s, "
@@ -125,7 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="where to write eval.json (default: beside the checkpoint, else stdout only); "
                     "the cocomig report goes beside it with the suffix .html")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("overrides", nargs="*", metavar="reward.options.key=value",
+                    help="the reward's constructor options, as `diffrl train` takes them")
 
+
+def add_pretrain(sub) -> None:
+    """The ``pretrain`` subcommand: the tiny Shapes generator by flow matching."""
     pre = sub.add_parser("pretrain", help="train the tiny Shapes generator from scratch by flow matching")
     pre.add_argument("--data", default="shapes", help="only 'shapes' (rendered pairs)")
     pre.add_argument("--out", default="runs/pretrain", help="folder for the generator")
@@ -151,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--dis-coef", type=float, metavar="λ_dis", help="weight of the IDC loss L_dis (needs --idm; "
                      "default 0.1 with it)")
 
+
+def add_sweep(sub) -> None:
+    """The ``sweep`` subcommand: a grid of train runs on Ray Tune."""
     sw = sub.add_parser(
         "sweep", help="a grid of train runs × seeds on Ray Tune, with a results table and plot",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -166,14 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--cpus-per-trial", type=float, metavar="N", help="CPUs (and torch threads) per trial; trials run "
                     "side by side as the CPUs allow (default: the file's cpus_per_trial, else 1)")
 
+
+def add_export(sub) -> None:
+    """The ``export`` subcommand: a run's LoRA, layout adapter and model card."""
     ex = sub.add_parser("export", help="a run's LoRA (loadable by diffusers' load_lora_weights), layout adapter and "
                         "model card")
     ex.add_argument("run", metavar="RUN", help="a run folder of `diffrl train`")
     ex.add_argument("--out", required=True, help="folder to write (must be new or empty)")
-
-    add_serve_reward(sub)
-    sub.add_parser("list", help="print every registry")
-    return parser
 
 
 def cmd_train(args) -> int:
@@ -236,7 +261,7 @@ def _eval_layouts(args) -> tuple[list, int]:
     """``diffrl eval``'s layouts and leakage probe count: ``--data`` read as `diffrl train`'s eval.data is
     (`diffrl.eval.data.load_layouts`); with ``--checkpoint`` and no ``--data``, the run's own evaluation set."""
     from diffrl.config import TrainConfig
-    from diffrl.envs.datasets import make_source, shapes_world
+    from diffrl.envs.datasets import make_source, model_data, shapes_world
     from diffrl.eval.data import eval_data, load_layouts
 
     if args.leakage is not None and args.leakage < 0:
@@ -250,7 +275,7 @@ def _eval_layouts(args) -> tuple[list, int]:
         evaluation = eval_data(run_cfg)  # the layouts its summary.json was scored on
         print(f"evaluating on {evaluation.name} (the run's eval.data; pass --data to choose another)", file=sys.stderr)
         return evaluation.layouts, 0
-    data = args.data or (run_cfg.env.data if run_cfg is not None else TrainConfig().env.data)
+    data = args.data or (run_cfg.env.data if run_cfg is not None else model_data(args.model or TrainConfig().model.name))
     if shapes_world(data) is not None:
         make_source(data, args.levels, seed=args.seed)  # checks the levels
         layouts = load_layouts(data, layouts=args.layouts, levels=args.levels, seed=args.seed)
@@ -262,48 +287,38 @@ def _eval_layouts(args) -> tuple[list, int]:
     return load_layouts(args.data, args.format), 0
 
 
+def _reward_options(overrides: list[str]) -> dict:
+    """``diffrl eval``'s ``reward.options.key=value`` overrides → the reward's constructor options, read as `diffrl
+    train` reads them (`diffrl.config.parse_override`, `set_value`); any other key is a user error."""
+    from diffrl.config import TrainConfig, parse_override, set_value
+
+    cfg = TrainConfig()
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.split(".")[:2] != ["reward", "options"]:
+            raise UserError(f"diffrl eval: {key}: only the reward's constructor options (reward.options.key=value) "
+                            "are set on its command line")
+        set_value(cfg, key, value)
+    return cfg.reward.options
+
+
 def cmd_eval(args) -> int:
-    from diffrl.config import TrainConfig
+    """Generate the layouts with the generator (or run), judge them, print the table, write eval.json (and the
+    COCO-MIG report)."""
     from diffrl.eval.evaluate import evaluate, generate
-    from diffrl.policies.generator import load_generator
-    from diffrl.rewards import build_reward
 
     layouts, leakage_layouts = _eval_layouts(args)
-    if args.judge == "cocomig":
-        from diffrl.eval.cocomig import CocoMigJudge, SamSegmenter, cocomig_grounder
-
-        if args.reward is not None:
-            raise UserError("--reward has no effect with --judge cocomig, which grounds with --reward-model")
-        CocoMigJudge.check(layouts)  # phrases it cannot read fail before any weights load
-        judge = CocoMigJudge(cocomig_grounder(args.reward_model),
-                             SamSegmenter(args.sam_model) if args.sam_model else None)
-    else:
-        if args.sam_model:
-            raise UserError("--sam-model is for --judge cocomig")
-        reward = build_reward(args.reward or "shapes", args.reward_model)
-    out = Path(args.out) if args.out else None
-    if args.checkpoint:
-        from diffrl.algos.checkpoint import latest_checkpoint
-
-        run = Path(args.checkpoint)
-        ckpt = latest_checkpoint(run / "checkpoints")
-        if ckpt is None or not (run / "config.yaml").is_file():
-            raise UserError(f"--checkpoint {run}: no config.yaml and checkpoints/ there; pass a run folder")
-        from diffrl.algos.export import load_run
-
-        _, generator = load_run(run)  # its model, LoRA and settings, with the last checkpoint's weights
-        out = out or run / "eval.json"
-    else:
-        generator = load_generator(args.model or TrainConfig().model.name)
+    judge = _eval_judge(args, layouts)
+    generator, out = _eval_generator(args)
+    images = verdicts = None
     if args.judge == "cocomig":
         from diffrl.eval.cocomig import cocomig_metrics
-        from diffrl.eval.report import write_report
 
         images = generate(generator, layouts, num_steps=args.steps, seed=args.seed, progress=not args.quiet)
         verdicts = judge(images, layouts, progress=not args.quiet)
         metrics = cocomig_metrics(verdicts, layouts)
     else:
-        metrics, _ = evaluate(generator, reward, layouts, num_steps=args.steps, seed=args.seed,
+        metrics, _ = evaluate(generator, judge, layouts, num_steps=args.steps, seed=args.seed,
                               progress=not args.quiet)
     print(_metrics_table(metrics))
     print(", ".join(f"{label}: {n}" for label, n in metrics["verdicts"].items()))
@@ -316,19 +331,67 @@ def cmd_eval(args) -> int:
         print(f"attribute leakage {m['leakage']:.3f}   own colour {m['own_colour']:.3f}   neighbour pixels "
               f"{m['neighbour_pixels']:.3f}   ({m['instances']} instances in {m['layouts']} adjacent/overlapping "
               "same-shape pairs)")
-    if out:
-        out.write_text(json.dumps(metrics, indent=2) + "\n")
-        print(f"wrote {out}")
-        if args.judge == "cocomig":
-            settings = {"judge": "cocomig (LeyRio/MIG_Bench eval_mig.py protocol)",
-                        "data": args.data or TrainConfig().env.data,
-                        "generator": args.checkpoint or args.model or TrainConfig().model.name, "steps": args.steps,
-                        "seed": args.seed, "grounder": args.reward_model or "IDEA-Research/grounding-dino-tiny",
-                        "object mask": f"SAM {args.sam_model}" if args.sam_model else "detected box (no --sam-model)"}
-            print(f"wrote {write_report(out.with_suffix('.html'), images, layouts, verdicts, metrics, settings)}")
-    elif args.judge == "cocomig":
-        print("(pass --out FILE.json to write eval.json and its HTML report)")
+    _write_eval(args, out, metrics, images, layouts, verdicts)
     return 0
+
+
+def _eval_judge(args, layouts):
+    """``diffrl eval``'s judge: the COCO-MIG protocol (`CocoMigJudge`), or the reward ``--reward`` names with its
+    ``reward.options``. Settings that do not fit the judge, and phrases it cannot read, fail before weights load."""
+    from diffrl.rewards import build_reward
+
+    if args.judge == "cocomig":
+        from diffrl.eval.cocomig import CocoMigJudge, SamSegmenter, cocomig_grounder
+
+        if args.reward is not None or args.overrides:
+            what = "--reward" if args.reward is not None else "reward.options"
+            raise UserError(f"{what} has no effect with --judge cocomig, which grounds with --reward-model")
+        CocoMigJudge.check(layouts)  # phrases it cannot read fail before any weights load
+        return CocoMigJudge(cocomig_grounder(args.reward_model), SamSegmenter(args.sam_model) if args.sam_model else None)
+    if args.sam_model:
+        raise UserError("--sam-model is for --judge cocomig")
+    return build_reward(args.reward or "shapes", args.reward_model, _reward_options(args.overrides))
+
+
+def _eval_generator(args):
+    """→ (the generator ``diffrl eval`` judges, where eval.json goes): ``--checkpoint``'s run with its last
+    checkpoint's weights (eval.json beside it by default), or ``--model``."""
+    from diffrl.config import TrainConfig
+    from diffrl.policies.generator import load_generator
+
+    out = Path(args.out) if args.out else None
+    if not args.checkpoint:
+        return load_generator(args.model or TrainConfig().model.name), out
+    from diffrl.algos.checkpoint import latest_checkpoint
+    from diffrl.algos.export import load_run
+
+    run = Path(args.checkpoint)
+    ckpt = latest_checkpoint(run / "checkpoints")
+    if ckpt is None or not (run / "config.yaml").is_file():
+        raise UserError(f"--checkpoint {run}: no config.yaml and checkpoints/ there; pass a run folder")
+    _, generator = load_run(run)  # its model, LoRA and settings, with the last checkpoint's weights
+    return generator, out or run / "eval.json"
+
+
+def _write_eval(args, out: Path | None, metrics: dict, images, layouts, verdicts) -> None:
+    """eval.json at ``out`` and, for the cocomig judge, its HTML report beside it."""
+    from diffrl.config import TrainConfig
+
+    if not out:
+        if args.judge == "cocomig":
+            print("(pass --out FILE.json to write eval.json and its HTML report)")
+        return
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"wrote {out}")
+    if args.judge == "cocomig":
+        from diffrl.eval.report import write_report
+
+        settings = {"judge": "cocomig (LeyRio/MIG_Bench eval_mig.py protocol)",
+                    "data": args.data or "the Shapes held-out set",
+                    "generator": args.checkpoint or args.model or TrainConfig().model.name, "steps": args.steps,
+                    "seed": args.seed, "grounder": args.reward_model or "IDEA-Research/grounding-dino-tiny",
+                    "object mask": f"SAM {args.sam_model}" if args.sam_model else "detected box (no --sam-model)"}
+        print(f"wrote {write_report(out.with_suffix('.html'), images, layouts, verdicts, metrics, settings)}")
 
 
 def cmd_pretrain(args) -> int:
@@ -458,9 +521,9 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
         overrides = [e for e in extra if "=" in e and not e.startswith("-")]
         unknown = [e for e in extra if e not in overrides]
-        if unknown or (overrides and args.command != "train"):
+        if unknown or (overrides and args.command not in ("train", "eval")):
             parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
-        if args.command == "train":
+        if args.command in ("train", "eval"):
             args.overrides = args.overrides + overrides
         if args.command is None:
             parser.print_help()

@@ -12,7 +12,7 @@ import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -29,10 +29,10 @@ def option(default: Any, help: str):
 
 @dataclass
 class ModelConfig:
-    name: str = option("shapes-tiny", "--model: a registered generator name or a generator folder")
+    name: str = option("shapes-mislabeled", "--model: a registered generator name (shapes-mislabeled, the default's base; shapes-tiny, the hard benchmark) or a generator folder")
     device: str = option("cpu", "device for generator, env and learner (cpu, cuda, cuda:1)")
     text_cache: int = option(4096, "text embeddings kept between batches (0: encode every batch afresh, slower)")
-    dtype: str = option("float32", "weights and activations of the generator: float32, bfloat16 or float16 (log-probs are float32 always)")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "weights and activations of the generator: float32, bfloat16 or float16 (log-probs are float32 always)")
     lora_rank: int = option(-1, "LoRA rank on the backbone (-1: 16 for real models such as SD3, off for shapes-tiny; 0: off)")
     lora_alpha: float = option(0.0, "LoRA alpha, the update scales by alpha/rank (0: alpha = rank)")
     lora_targets: list = option([], "backbone modules LoRA adapts (names or suffixes; []: the attention projections of SD3's and FLUX's blocks)")
@@ -47,7 +47,7 @@ class ModelConfig:
 @dataclass
 class EnvConfig:
     name: str = option("layout", "--env: the environment")
-    data: str = option("shapes", "--data: a dataset name or a JSONL file of layouts")
+    data: str = option("", "--data: a dataset name or a JSONL file of layouts ('': the Shapes world the model was pre-trained in, shapes for other models)")
     levels: list = option([2, 3, 4, 5, 6], "Shapes levels (instance counts) to train on")
     layouts_per_iter: int = option(64, "distinct layouts per iteration")
     group_size: int = option(4, "samples per layout (GRPO groups)")
@@ -61,18 +61,18 @@ class PolicyConfig:
     noise_level: float = option(0.7, "SDE noise level a in σ_t = a·sqrt(t/(1−t))")
     window: float = option(0.2, "fraction of denoising steps, from the start, that RL explores and trains (I-DRUID: 0.2)")
     window_start: float = option(0.0, "fraction of denoising steps before the RL window opens (0: at the first step, as I-DRUID; 0.4 of 10 steps: the window starts at step 4)")
-    train: str = option("all", "what RL updates: all (backbone + layout adapter) or adapter (the backbone stays frozen)")
+    train: Literal["all", "adapter"] = option("all", "what RL updates: all (backbone + layout adapter) or adapter (the backbone stays frozen)")
 
 
 @dataclass
 class AlgoConfig:
-    name: str = option("ppo", "--algo: the learner")
+    name: str = option("nft", "--algo: the learner (nft, DiffusionNFT: the default, the one that learns most on the embedded default; awm; ppo, I-DRUID's actor-critic; grpo; sft)")
     lr: float = option(1e-5, "learning rate of the generator (awm, nft: 1e-4, their own default)")
     epochs: int = option(1, "passes over each iteration's transitions")
     minibatch_size: int = option(64, "samples of one denoising step per gradient step (≥ batch: the whole step)")
     clip_epsilon: float = option(0.2, "PPO ratio clip ζ")
     kl_coef: float = option(0.01, "weight of KL(π_θ ‖ π_ref) to the initial policy")
-    log_prob_reduce: str = option("sum", "log-prob over latent dims: sum (exact density) or mean (Flow-GRPO)")
+    log_prob_reduce: Literal["sum", "mean"] = option("sum", "log-prob over latent dims: sum (exact density) or mean (Flow-GRPO)")
     max_grad_norm: float = option(1.0, "gradient-norm clip")
     anchor_steps: int = option(0, "post-window steps per epoch held to the reference by the KL term (0: none)")
     accumulate: bool = option(True, "one optimizer step per epoch, averaging the gradients of all window steps (Flow-GRPO); awm, nft: off, a step per minibatch")
@@ -81,16 +81,17 @@ class AlgoConfig:
     critic_lr: float = option(1e-3, "PPO: learning rate of the critic φ")
     critic_coef: float = option(1.0, "PPO: weight of the critic loss (φ(s_t) − r)²")
     normalize_advantage: bool = option(True, "PPO: standardise advantages over each iteration's batch")
-    group_scale: str = option("group", "GRPO: divide r − group mean by the group's std (group) or by the batch's (batch: Dr. GRPO)")
+    group_scale: Literal["group", "batch"] = option("group", "GRPO: divide r − group mean by the group's std (group) or by the batch's (batch: Dr. GRPO)")
 
 
 @dataclass
 class ForwardConfig:
-    sampler: str = option("ode", "AWM/NFT: how rollouts are drawn: ode (deterministic from x_1, as DiffusionNFT) or sde (policy.noise_level at every step)")
+    sampler: Literal["ode", "sde"] = option("ode", "AWM/NFT: how rollouts are drawn: ode (deterministic from x_1, as DiffusionNFT) or sde (policy.noise_level at every step)")
     timesteps: int = option(2, "AWM/NFT: flow times per sample at which the loss is taken, at most env.num_steps with time_sampling=schedule (the papers: every step of the schedule)")
-    time_sampling: str = option("schedule", "AWM/NFT: where those times are drawn: schedule (the sampling schedule's times) or uniform (U(0, 1))")
+    time_sampling: Literal["schedule", "uniform"] = option("schedule", "AWM/NFT: where those times are drawn: schedule (the sampling schedule's times) or uniform (U(0, 1))")
     crn: bool = option(True, "AWM/NFT: the samples of a group share their (t, ε) draws (common random numbers), so what they have in common cancels under zero-mean advantages")
     kl_coef: float = option(0.0001, "AWM/NFT: weight of ‖v_θ − v_ref‖² to the initial model (DiffusionNFT: 1e-4)")
+    awm_power: float = option(0.25, "AWM: p of the weighting w(ℓ, t) = t/p·((ℓ+ε)^p − ε^p) of the matching loss ℓ (Flow-Factory's ghuber: 0.25; 1: w(ℓ) = ℓ, the plain loss)")
     nft_beta: float = option(1.0, "NFT: β of v± = v_old ± β·(v_θ − v_old) (DiffusionNFT: 1.0)")
     adv_clip: float = option(5.0, "NFT: advantages are clipped to ±this before r = A/(2·clip) + 1/2 (DiffusionNFT: 5)")
     old_uprate: float = option(0.001, "NFT: v_old ← η·v_old + (1−η)·v_θ after each iteration, η = min(old_uprate·iteration, old_uphold)")
@@ -105,7 +106,7 @@ class RewardConfig:
     http_batch: int = option(32, "--reward http://…: images per request to the reward server")
     http_timeout: float = option(60.0, "--reward http://…: seconds to wait for the answer to one request")
     http_retries: int = option(3, "--reward http://…: how often a request that got no answer or a 5xx is tried again (after 0.5, 1, 2, … s) before its samples count invalid")
-    http_format: str = option("png", "--reward http://…: how images travel: png (8-bit, portable) or safetensors (lossless float32)")
+    http_format: Literal["png", "safetensors"] = option("png", "--reward http://…: how images travel: png (8-bit, portable) or safetensors (lossless float32)")
     max_down_iterations: int = option(10, "iterations in a row the reward may be unreachable on every sample (a reward server down) before the run stops; those iterations skip the update")
     options: dict = option({}, "keyword arguments of the reward's constructor, e.g. reward.options.distance=giou (weighted parts: reward.options.<part>.key=value)")
 
@@ -137,7 +138,7 @@ class RayConfig:
     dashboard: bool = option(False, "start Ray's dashboard (bound to 127.0.0.1) with a local cluster")
     learners: int = option(1, "--learners: processes the update runs on, data-parallel through Ray Train (1: this process, no Ray; N: each takes 1/N of every minibatch, gradients summed, the same update)")
     learner_cpus: float = option(1.0, "CPUs per learner process (also its torch threads, at least 1); on cuda each learner also takes a GPU")
-    learner_strategy: str = option("ddp", "--learners N: ddp (every learner holds the trainable weights; LoRA, adapters, models that fit a device) or fsdp (FSDP2 fully_shard of the denoiser, for full fine-tuning of large backbones: not implemented yet, one clear error)")
+    learner_strategy: Literal["ddp", "fsdp"] = option("ddp", "--learners N: ddp (every learner holds the trainable weights; LoRA, adapters, models that fit a device) or fsdp (FSDP2 fully_shard of the denoiser, for full fine-tuning of large backbones: not implemented yet, one clear error)")
 
 
 @dataclass
@@ -187,7 +188,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise UserError(f"config {key}: expected a number, got {value!r}")
-    if kind is str:
+    if kind is str or kind is Literal:  # a Literal's choices are checked with the section (`validate`)
         return str(value)
     if kind is dict:
         if isinstance(value, dict):
@@ -274,11 +275,11 @@ def load_yaml(path: str | Path) -> dict:
 # A learner's own defaults where the shared ones do not suit it: they sit between the global defaults and a user's
 # settings (YAML, flags, overrides), which win. The forward-process learners take many small Adam steps on a fresh
 # flow-matching loss, where the window learners take one accumulated step on a clipped surrogate. AWM's negative
-# weights are unbounded (−A·‖v − v*‖² grows without limit), so it keeps a strong velocity KL; NFT's implicit negative
-# policy is bounded and keeps DiffusionNFT's 1e-4.
+# weights are unbounded (−A·w(ℓ) falls without limit as ℓ grows), so it keeps a velocity KL of 0.1 (Flow-Factory's
+# ema_kl_beta); NFT's implicit negative policy is bounded and keeps DiffusionNFT's 1e-4.
 LEARNER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "awm": {"algo.lr": 1e-4, "algo.accumulate": False, "forward.kl_coef": 1.0},
-    "nft": {"algo.lr": 1e-4, "algo.accumulate": False},
+    "awm": {"algo.lr": 1e-4, "algo.accumulate": False, "forward.kl_coef": 0.1, "iterations": 20},
+    "nft": {"algo.lr": 1e-4, "algo.accumulate": False, "iterations": 20},
 }
 
 
@@ -296,16 +297,56 @@ def build_config(yaml_data: dict | None = None, overrides: list[tuple[str, Any]]
         for key, value in own.items():
             set_value(cfg, key, value)
         cfg = settle(cfg)
+    if not cfg.env.data:
+        from diffrl.envs.datasets import model_data
+
+        cfg.env.data = model_data(cfg.model.name)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Checks that span fields; each failure names the key and what would be valid."""
+    """Checks per section, then those that span sections; each failure is one line naming the key and what would be
+    valid."""
+    check_choices(cfg)
     if cfg.iterations < 0:
         raise UserError("config iterations: must be ≥ 0")
-    if cfg.eval.every < 0:
-        raise UserError(f"config eval.every: must be ≥ 0 (0: off), got {cfg.eval.every}")
+    _check_eval(cfg.eval)
+    _check_policy(cfg)
+    _check_model(cfg.model)
+    _check_env(cfg.env)
+    _check_algo(cfg)
+    _check_forward(cfg.forward)
+    _check_ray(cfg.ray)
+    _check_reward(cfg)
+
+
+def check_choices(cfg) -> None:
+    """Every ``Literal`` field of every section holds one of its values: ``config forward.sampler: 'ode' or 'sde',
+    got 'x'`` (three or more: ``one of a, b, c``)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            for g in dataclasses.fields(value):
+                annotation = get_type_hints(type(value))[g.name]
+                if get_origin(annotation) is Literal and getattr(value, g.name) not in get_args(annotation):
+                    raise UserError(f"config {f.name}.{g.name}: {_choices(get_args(annotation))}, "
+                                    f"got {getattr(value, g.name)!r}")
+
+
+def _choices(values: tuple) -> str:
+    return f"{values[0]!r} or {values[1]!r}" if len(values) == 2 else f"one of {', '.join(map(str, values))}"
+
+
+def _check_eval(e: EvalConfig) -> None:
+    if e.every < 0:
+        raise UserError(f"config eval.every: must be ≥ 0 (0: off), got {e.every}")
+    if not 0 <= e.holdout < 1:
+        raise UserError(f"config eval.holdout: a fraction in [0, 1), got {e.holdout}")
+
+
+def _check_policy(cfg: TrainConfig) -> None:
+    """The RL window's fractions, and that it ends within env.num_steps."""
     if not 0 < cfg.policy.window <= 1:
         raise UserError(f"config policy.window: must be in (0, 1], got {cfg.policy.window}")
     if not 0 <= cfg.policy.window_start < 1:
@@ -315,13 +356,11 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"config policy.window_start={cfg.policy.window_start} + policy.window={cfg.policy.window}: the "
                         f"window (steps {first}..{end - 1}) runs past the last of {cfg.env.num_steps} steps; make their "
                         "sum ≤ 1")
-    if cfg.env.shift < 0:
-        raise UserError(f"config env.shift: must be ≥ 0 (0: the model's own), got {cfg.env.shift}")
     if cfg.policy.noise_level <= 0:
         raise UserError(f"config policy.noise_level: must be > 0 for RL to explore, got {cfg.policy.noise_level}")
-    m = cfg.model
-    if m.dtype not in DTYPES:
-        raise UserError(f"config model.dtype: one of {', '.join(DTYPES)}, got {m.dtype!r}")
+
+
+def _check_model(m: ModelConfig) -> None:
     if m.lora_rank < -1:
         raise UserError(f"config model.lora_rank: -1 (auto), 0 (off) or a rank ≥ 1, got {m.lora_rank}")
     if m.lora_alpha < 0:
@@ -335,38 +374,41 @@ def validate(cfg: TrainConfig) -> None:
     if m.adapter and not (Path(m.adapter) / "config.json").is_file():
         raise UserError(f"config model.adapter {m.adapter}: no config.json there; pass a layout adapter folder "
                         "(as `diffrl export` writes under layout_adapter/)")
-    if cfg.model.text_cache < 0:
-        raise UserError(f"config model.text_cache: must be ≥ 0, got {cfg.model.text_cache}")
-    if cfg.env.num_steps < 1 or cfg.env.layouts_per_iter < 1 or cfg.env.group_size < 1:
+    if m.text_cache < 0:
+        raise UserError(f"config model.text_cache: must be ≥ 0, got {m.text_cache}")
+
+
+def _check_env(e: EnvConfig) -> None:
+    if e.shift < 0:
+        raise UserError(f"config env.shift: must be ≥ 0 (0: the model's own), got {e.shift}")
+    if e.num_steps < 1 or e.layouts_per_iter < 1 or e.group_size < 1:
         raise UserError("config env.num_steps, env.layouts_per_iter and env.group_size must be ≥ 1")
+
+
+def _check_algo(cfg: TrainConfig) -> None:
+    """The learner's weights, and what it needs of the env and the data."""
     if is_forward_learner(cfg) and (cfg.algo.ldm_coef or cfg.algo.dis_coef):
         raise UserError(f"config algo.ldm_coef / algo.dis_coef: --algo {cfg.algo.name} has no joint loss; use ppo or grpo")
     if cfg.algo.name in ("grpo", *FORWARD_LEARNERS) and cfg.env.group_size < 2:
         raise UserError(f"config env.group_size: --algo {cfg.algo.name} compares samples of one layout, so it needs ≥ 2")
-    if cfg.policy.train not in ("all", "adapter"):
-        raise UserError(f"config policy.train: 'all' or 'adapter', got {cfg.policy.train!r}")
     if cfg.algo.ldm_coef < 0:
         raise UserError(f"config algo.ldm_coef: must be ≥ 0, got {cfg.algo.ldm_coef}")
     if cfg.algo.dis_coef < 0:
         raise UserError(f"config algo.dis_coef: must be ≥ 0, got {cfg.algo.dis_coef}")
     if uses_paired_data(cfg) and cfg.env.data != "shapes":
         raise UserError("config algo.ldm_coef / --algo sft need paired images; only --data shapes renders them so far")
-    if cfg.algo.group_scale not in ("group", "batch"):
-        raise UserError(f"config algo.group_scale: 'group' or 'batch', got {cfg.algo.group_scale!r}")
-    f = cfg.forward
-    if f.sampler not in ("ode", "sde"):
-        raise UserError(f"config forward.sampler: 'ode' or 'sde', got {f.sampler!r}")
-    if f.time_sampling not in ("schedule", "uniform"):
-        raise UserError(f"config forward.time_sampling: 'schedule' or 'uniform', got {f.time_sampling!r}")
+
+
+def _check_forward(f: ForwardConfig) -> None:
     if f.timesteps < 1:
         raise UserError(f"config forward.timesteps: must be ≥ 1, got {f.timesteps}")
+    if not 0 < f.awm_power <= 1:
+        raise UserError(f"config forward.awm_power: in (0, 1] (1: the plain matching loss), got {f.awm_power}")
     if f.nft_beta <= 0 or f.adv_clip <= 0 or f.kl_coef < 0 or not 0 <= f.old_uphold < 1 or f.old_uprate < 0:
         raise UserError("config forward: nft_beta and adv_clip must be > 0, kl_coef and old_uprate ≥ 0, old_uphold in [0, 1)")
-    if not 0 <= cfg.eval.holdout < 1:
-        raise UserError(f"config eval.holdout: a fraction in [0, 1), got {cfg.eval.holdout}")
-    if cfg.algo.log_prob_reduce not in ("sum", "mean"):
-        raise UserError(f"config algo.log_prob_reduce: 'sum' or 'mean', got {cfg.algo.log_prob_reduce!r}")
-    r = cfg.ray
+
+
+def _check_ray(r: RayConfig) -> None:
     for key, value in (("workers", r.workers), ("reward_workers", r.reward_workers), ("chunk_layouts", r.chunk_layouts),
                        ("max_restarts", r.max_restarts), ("worker_gpus", r.worker_gpus), ("reward_gpus", r.reward_gpus),
                        ("chunk_timeout", r.chunk_timeout)):
@@ -377,25 +419,21 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--learners: must be ≥ 1 (1: the update in this process), got {r.learners}")
     if r.learner_cpus <= 0:
         raise UserError(f"config ray.learner_cpus: must be > 0 (fractions such as 0.5 are fine), got {r.learner_cpus}")
-    if r.learner_strategy not in ("ddp", "fsdp"):
-        raise UserError(f"config ray.learner_strategy: 'ddp' or 'fsdp', got {r.learner_strategy!r}")
     if r.worker_cpus <= 0 or r.reward_cpus <= 0:
         raise UserError("config ray.worker_cpus and ray.reward_cpus must be > 0 (fractions such as 0.5 are fine)")
-    w = cfg.reward
-    if w.http_batch < 1 or w.http_timeout <= 0 or w.http_retries < 0 or w.max_down_iterations < 1:
-        raise UserError("config reward.http_batch ≥ 1, reward.http_timeout > 0, reward.http_retries ≥ 0 and "
-                        f"reward.max_down_iterations ≥ 1; got {w.http_batch}, {w.http_timeout}, {w.http_retries}, "
-                        f"{w.max_down_iterations}")
-    if w.http_format not in ("png", "safetensors"):
-        raise UserError(f"config reward.http_format: 'png' or 'safetensors', got {w.http_format!r}")
-    if w.runtime_env and not r.reward_workers:
-        raise UserError("config reward.runtime_env: it is the environment of the reward actors; add --reward-workers N")
     if r.address and not (r.workers or r.reward_workers or r.learners > 1):
         raise UserError(f"--address {r.address}: nothing would run on the cluster; add --workers N, --reward-workers N "
                         "and/or --learners N")
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+def _check_reward(cfg: TrainConfig) -> None:
+    w = cfg.reward
+    if w.http_batch < 1 or w.http_timeout <= 0 or w.http_retries < 0 or w.max_down_iterations < 1:
+        raise UserError("config reward.http_batch ≥ 1, reward.http_timeout > 0, reward.http_retries ≥ 0 and "
+                        f"reward.max_down_iterations ≥ 1; got {w.http_batch}, {w.http_timeout}, {w.http_retries}, "
+                        f"{w.max_down_iterations}")
+    if w.runtime_env and not cfg.ray.reward_workers:
+        raise UserError("config reward.runtime_env: it is the environment of the reward actors; add --reward-workers N")
 
 
 def uses_paired_data(cfg: TrainConfig) -> bool:

@@ -1,11 +1,12 @@
 """How much of a model's headroom is already on-policy: one sample against the best of N, per held-out layout.
 
-    python experiments/best_of_n.py [MODEL_OR_RUN ...] [--n 8] [--world classic] [--layouts 250] [--json out.json]
+    python experiments/best_of_n.py [MODEL_OR_RUN ...] [--n 8] [--world classic|loose] [--layouts 250] [--json out.json]
 
 For a generator (a registered name such as ``shapes-tiny``, a generator folder) or a `diffrl train` run folder
 (its last checkpoint), draws ``--n`` deterministic ODE samples of each of the held-out layouts that
-`diffrl train` scores (``eval.*`` defaults: 250 L2–L6 layouts, seed 1234, of ``--world``'s box rules), each from
-its own initial noise (seeds 1234, 1235, ...; the first is the summary's own), and reports
+`diffrl train` scores (``eval.*`` defaults: 250 L2–L6 layouts, seed 1234, of ``--world``'s box rules: by default the
+world of the first run's training data, or the world the first model was pre-trained in, as `diffrl train` picks
+it), each from its own initial noise (seeds 1234, 1235, ...; the first is the summary's own), and reports
 
   one sample      ISR of the first noise (what `diffrl train`'s summary prints) and the mean over the N noises
   best by reward  ISR when each layout keeps the sample the reward ranks first: what a learner that makes the
@@ -25,8 +26,10 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
-from diffrl.config import EvalConfig
+from diffrl.config import EvalConfig, ModelConfig
+from diffrl.envs.datasets import model_data, shapes_world
 from diffrl.eval.evaluate import _sample, held_out_layouts
 from diffrl.eval.metrics import concat_info
 from diffrl.rewards.shapes import ShapesReward
@@ -70,13 +73,18 @@ def best_of_n(generator, layouts, n: int, seed: int, num_steps: int = 10) -> dic
 def main(argv=None) -> int:
     defaults = EvalConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", default=["shapes-tiny"], help="registered models, folders or run folders")
+    parser.add_argument("models", nargs="*", default=[ModelConfig().name], help="registered models, folders or run folders")
     parser.add_argument("--n", type=int, default=8)
-    parser.add_argument("--world", default="classic", choices=["classic", "loose"])
+    parser.add_argument("--world", choices=["classic", "loose"], help="box rules of the held-out layouts (default: the "
+                        "first model's own world)")
     parser.add_argument("--layouts", type=int, default=defaults.layouts)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args(argv)
+    if args.world is None:  # a run's own training data (config.yaml has it resolved), or the model's world
+        run_config = Path(args.models[0]) / "config.yaml"
+        data = yaml.safe_load(run_config.read_text())["env"]["data"] if run_config.is_file() else model_data(args.models[0])
+        args.world = shapes_world(data) or "classic"
     layouts = held_out_layouts(args.layouts, defaults.levels, args.seed, world=args.world)
     results = {}
     print(f"{'model':40s} one     mean    best/reward  best/ISR  any right   (N={args.n}, {len(layouts)} layouts)")

@@ -52,6 +52,23 @@ def test_user_errors_are_one_line_with_exit_code_2(args, message, capsys):
     assert len(err) == 1 and message in err[0], err
 
 
+@pytest.mark.parametrize("key, allowed", [
+    ("model.dtype", "one of float32, bfloat16, float16"),
+    ("policy.train", "'all' or 'adapter'"),
+    ("algo.log_prob_reduce", "'sum' or 'mean'"),
+    ("algo.group_scale", "'group' or 'batch'"),
+    ("forward.sampler", "'ode' or 'sde'"),
+    ("forward.time_sampling", "'schedule' or 'uniform'"),
+    ("reward.http_format", "'png' or 'safetensors'"),
+])
+def test_a_value_outside_a_fields_choices_is_one_line_naming_the_key_and_the_choices(key, allowed):
+    from diffrl.config import build_config
+    from diffrl.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        build_config({}, [(key, "nope")])
+    assert str(err.value) == f"config {key}: {allowed}, got 'nope'"
+
 def test_help_lists_valid_names_and_config_keys(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--help"])
@@ -66,7 +83,8 @@ def test_list_prints_every_registry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     for line in ("env (--env): layout", "reward (--reward): cycle, gdino, http, shapes",
-                 "algo (--algo): awm, grpo, nft, ppo, sft", "model (--model): shapes-tiny"):
+                 "algo (--algo): awm, grpo, nft, ppo, sft", "model (--model): shapes-mislabeled, shapes-tiny",
+                 "data (--data): shapes, shapes-loose"):
         assert line in out
 
 

@@ -138,6 +138,9 @@ def test_adapter_grounds_both_block_kinds_and_checkpoints(flux_folder, one_threa
     checkpointing (blocks called positionally) recomputes them with the same gradients."""
     generator = load(flux_folder, guidance=3.5)
     denoiser = generator.denoiser
+    from diffrl.policies.generator import Denoiser
+
+    assert isinstance(denoiser, Denoiser)  # what the trainer needs of a backbone
     cond = generator.encode_layouts(sample_layouts(2, [2], seed=0))
     x, t = torch.randn(2, 16, 16, 16), torch.tensor([0.9, 0.6])
     with torch.no_grad():

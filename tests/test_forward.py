@@ -21,6 +21,21 @@ def test_awm_loss_on_a_tiny_example():
     torch.testing.assert_close(per_sample_mse(v, torch.zeros_like(v)), torch.tensor([2.0, 4.0]))
 
 
+def test_awm_generalised_huber_weighting_by_hand():
+    # Flow-Factory's ghuber: w(ℓ, t) = t/p·((ℓ + ε)^p − ε^p); ℓ = 1 and 4 as above, t = 0.5 and 0.25, p = 1/4
+    velocity = torch.tensor([1.0, 3.0]).view(2, 1, 1, 1)
+    target = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)
+    advantages, t = torch.tensor([1.0, -1.0]), torch.tensor([0.5, 0.25])
+    eps = 1e-10
+    w = [0.5 / 0.25 * ((1 + eps) ** 0.25 - eps**0.25), 0.25 / 0.25 * ((4 + eps) ** 0.25 - eps**0.25)]
+    assert awm_loss(velocity, target, advantages, t, power=0.25).item() == pytest.approx((w[0] - w[1]) / 2, rel=1e-5)
+    # its gradient in v is A·t·(ℓ + ε)^(p−1)·2(v − v*) / 2 samples: sample 1 → 1·0.5·1·2·1 / 2 = 0.5
+    v = velocity.clone().requires_grad_(True)
+    awm_loss(v, target, advantages, t, power=0.25).backward()
+    assert v.grad.flatten()[0].item() == pytest.approx(0.5, rel=1e-5)
+    assert v.grad.flatten()[1].item() == pytest.approx(-1 * 0.25 * 4**-0.75 * 2 * 2 / 2, rel=1e-5)
+
+
 def _tiny_model_batch(seed=0):
     """A linear 'velocity model' v_θ(x) = θ·x on 3 samples of one group, with their x0, x_t, t and targets."""
     g = torch.Generator().manual_seed(seed)

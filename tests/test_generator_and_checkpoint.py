@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
 import torch
 
 from diffrl.algos.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffrl.errors import UserError
 from diffrl.policies.generator import load_generator
 from diffrl.policies.layout_adapter import LayoutAdapter, LayoutAdapterConfig, box_token_mask
 from diffrl.shapes.world import sample_layouts
@@ -23,6 +25,28 @@ def test_saved_generator_loads_back_with_identical_outputs(tiny_generator, saved
         expected = tiny_generator.velocity(x, t, tiny_generator.encode_layouts(layouts))
         got = loaded.velocity(x, t, loaded.encode_layouts(layouts))
     torch.testing.assert_close(got, expected)
+
+
+def test_the_loader_table_picks_the_backbone_by_pipeline_class_and_a_new_one_is_a_row(tmp_path, saved_generator,
+                                                                                      monkeypatch):
+    from diffrl.policies.generator import LOADERS, Denoiser
+
+    assert isinstance(load_generator(str(saved_generator)).denoiser, Denoiser)
+    assert list(LOADERS) == ["diffrl.LayoutGenerator", "StableDiffusion3Pipeline", "FluxPipeline",
+                             "StableDiffusionPipeline", "StableDiffusionGLIGENPipeline"]
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "MyPipeline"}))
+    with pytest.raises(UserError, match=r"model_index.json is for 'MyPipeline'; diffrl loads diffrl.LayoutGenerator, "
+                                        r"StableDiffusion3Pipeline, FluxPipeline, StableDiffusionPipeline"):
+        load_generator(str(tmp_path))
+    seen = []
+
+    def my_loader(path, **options):
+        seen.append((path, options))
+        return load_generator(str(saved_generator))
+
+    monkeypatch.setitem(LOADERS, "MyPipeline", my_loader)
+    generator = load_generator(str(tmp_path), dtype="bfloat16", t5=None)
+    assert seen == [(tmp_path, {"dtype": "bfloat16"})] and generator.source == str(tmp_path)
 
 
 def test_fresh_adapter_is_the_identity_and_grounding_changes_the_output_once_gates_open(tiny_generator):

@@ -255,13 +255,14 @@ def test_dis_coef_without_idm_is_a_one_line_user_error(tiny_generator, saved_gen
     env, policy, actor, store = make(tiny_generator)
     with pytest.raises(UserError, match="diffrl pretrain --idm"):
         GRPO(policy, SDEPolicyNet(frozen_copy(tiny_generator), store, 0.7, 2), actor, AlgoConfig(dis_coef=0.1))
-    code = main(["train", "--model", str(saved_generator), "--iterations", "1", "--out", str(tmp_path / "run"),
-                 "--quiet", "algo.dis_coef=0.1", "env.layouts_per_iter=2", "env.num_steps=3", "eval.layouts=2"])
+    code = main(["train", "--model", str(saved_generator), "--algo", "grpo", "--iterations", "1",
+                 "--out", str(tmp_path / "run"), "--quiet", "algo.dis_coef=0.1", "env.layouts_per_iter=2",
+                 "env.num_steps=3", "eval.layouts=2"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "algo.dis_coef=0.1 needs a generator with IDM" in err[0], err
     assert not (tmp_path / "run").exists()  # caught before the run folder is made
-    assert main(["train", "algo.dis_coef=-1"]) == 2
+    assert main(["train", "--algo", "ppo", "algo.dis_coef=-1"]) == 2
     assert "algo.dis_coef: must be ≥ 0" in capsys.readouterr().err
 
 

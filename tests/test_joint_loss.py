@@ -74,7 +74,7 @@ def test_sft_runs_through_the_cli_and_needs_paired_data(tmp_path, saved_generato
     layouts = tmp_path / "layouts.jsonl"
     layouts.write_text(json.dumps({"prompt": "a red square", "phrases": ["red square"], "boxes": [[0.1, 0.1, 0.5, 0.5]]}) + "\n")
     capsys.readouterr()
-    assert main(["train", "--data", str(layouts), "algo.ldm_coef=1", "--out", str(tmp_path / "x")]) == 2
+    assert main(["train", "--algo", "grpo", "--data", str(layouts), "algo.ldm_coef=1", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "need paired images" in err[0], err
     assert not (tmp_path / "x").exists()

@@ -139,7 +139,8 @@ def test_two_workers_train_on_synced_weights_and_killed_actors_lose_nothing(tmp_
 
 
 def test_reward_actors_score_chunk_i_while_chunk_i_plus_1_denoises_and_mark_failures(saved_generator, ray_cluster):
-    cfg = build_config(overrides=[("model.name", str(saved_generator)), ("env.layouts_per_iter", 4),
+    cfg = build_config(overrides=[("model.name", str(saved_generator)), ("algo.name", "ppo"),  # whole rollouts
+                                  ("env.layouts_per_iter", 4),
                                   ("env.group_size", 2), ("env.num_steps", 8), ("ray.reward_workers", 1),
                                   ("ray.reward_cpus", 0.5), ("ray.chunk_layouts", 1)])
     layouts = sample_layouts(4, [3, 4], seed=1)

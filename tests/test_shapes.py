@@ -195,3 +195,21 @@ def test_loosen_and_mislabel_change_only_what_the_model_is_told():
     assert all(list(lay.phrases) == [f"{CONFUSABLE['red']} square"] and lay.boxes == layout.boxes for lay in always)
     assert always[0].prompt == "a black square"
     assert list(mislabel([layout], 0.0, g)[0].phrases) == ["red square"]
+
+
+def test_a_shapes_model_trains_and_is_judged_in_the_world_it_was_pre_trained_in(tmp_path):
+    import json
+
+    from diffrl.config import build_config
+    from diffrl.envs.datasets import model_data
+
+    assert build_config().env.data == "shapes-loose"  # the default base, shapes-mislabeled, is a loose-world model
+    assert build_config({}, [("model.name", "shapes-tiny")]).env.data == "shapes"  # no world in its pretrain.json
+    assert build_config({}, [("model.name", "shapes-tiny"), ("env.data", "shapes-loose")]).env.data == "shapes-loose"
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    assert model_data(str(folder)) == "shapes"  # a folder without pretrain.json: the classic world
+    (folder / "pretrain.json").write_text(json.dumps({"config": {"world": "loose"}}))
+    assert model_data(str(folder)) == "shapes-loose"
+    assert model_data("not/a/model") == "shapes"  # the loader, not this default, says what is wrong with it

@@ -36,7 +36,7 @@ def test_the_bar_names_the_phase_and_a_finished_run_says_so_when_resumed(tmp_pat
     assert main(["train", "--model", str(saved_generator), "--config", str(config), "--iterations", "1",
                  "--out", str(run)]) == 0
     err = capsys.readouterr().err
-    for phase in ("train ppo · rollout", "train ppo · reward", "train ppo · update"):
+    for phase in ("train nft · rollout", "train nft · reward", "train nft · update"):  # the default learner
         assert phase in err
     summary = (run / "summary.json").read_text()
     assert main(["train", "--resume", str(run), "--quiet"]) == 0

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -36,7 +37,7 @@ def write(tmp_path, data, name="sweep.yaml"):
     ({"seeds": [0, 0]}, "seeds: expected a list of distinct integers"),
     ({"rows": {"a": {"model.name": "idm"}}}, "rows a: model.name 'idm': not a registered model"),
     ({"models": {"idm": {"pretrain": {"stepz": 3}}}}, "unknown key of models idm: pretrain 'stepz'; did you mean steps?"),
-    ({"models": {"m": {"pretrain": {"steps": 2}}}, "rows": {"a": {"model.name": "m", "algo.dis_coef": 0.1}}},
+    ({"models": {"m": {"pretrain": {"steps": 2}}}, "rows": {"a": {"model.name": "m", "algo.name": "ppo", "algo.dis_coef": 0.1}}},
      "algo.dis_coef needs a generator with IDM"),
     ({"metrics": ["isr_L9"]}, "unknown metric 'isr_L9'"),
     ({"leakage_layouts": 0, "metrics": ["leakage"]}, "metrics: leakage needs leakage_layouts > 0"),
@@ -144,3 +145,25 @@ def test_tiny_sweep_on_ray_tune_writes_the_results_and_resumes_only_what_did_not
     assert again["reward"] == pytest.approx(results["idm-grpo-seed0"]["reward"], abs=1e-6)  # same weights, same eval
     assert len(list((out / "tune").iterdir())) == 2  # two Tune experiments, the second with one trial
     assert not math.isnan(again["isr"])
+
+
+def test_a_reward_with_per_image_scores_only_reports_dashes_for_isr_and_miou(tmp_path):
+    import torch
+
+    from diffrl.sweep.runner import run_trial, write_results
+
+    block = {"isr": None, "miou": None, "reward": 2.5, "per_level": {"L2": {"reward": 2.5, "layouts": 4}},
+             "verdicts": None, "note": "per-image scores only"}  # what `summarize_rewards` gives
+    run = tmp_path / "trials" / "a-seed0"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"base": block, "final": block, "iterations": 1, "wall_seconds": 3.0}))
+    spec = {"trial": "a-seed0", "row": "A", "seed": 0, "config": TINY, "run": str(run), "leakage_layouts": 0,
+            "threads": torch.get_num_threads(), "cwd": str(Path.cwd())}
+    result = run_trial(spec)  # trained already (its summary.json): only the result is assembled
+    assert result["isr"] is None and result["isr_L2"] is None and result["reward"] == 2.5
+    sweep = parse_sweep({"base": TINY, "seeds": [0], "rows": {"A": {}}, "metrics": ["isr", "miou", "reward"]})
+    write_results(sweep, [result], tmp_path)
+    assert "| A | 1/1 | — | — | 2.500 |" in (tmp_path / "results.md").read_text()
+    from diffrl.sweep.runner import trial_line
+
+    assert "ISR –  mIoU –  reward 2.500" in trial_line({**result, "seconds": 3.0}, 1, 1)

@@ -24,7 +24,7 @@ from diffrl.policies.backbones.unet import (
     gligen_inputs,
     transformer_blocks,
 )
-from diffrl.policies.generator import LayoutGenerator, VAESpace, build_generator, load_generator
+from diffrl.policies.generator import Denoiser, LayoutGenerator, VAESpace, build_generator, load_generator
 from diffrl.policies.layout_adapter import block_grid
 from diffrl.policies.text import Conditioning, build_word_tokenizer
 from tests.conftest import assert_lora_changes_the_output
@@ -298,6 +298,7 @@ def test_load_generator_reads_an_sd15_pipeline_folder(sd_folder):
     assert json.loads((sd_folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
     generator = load_generator(str(sd_folder))
     assert isinstance(generator.denoiser, LayoutUNet) and generator.denoiser.adapter is not None
+    assert isinstance(generator.denoiser, Denoiser)  # what the trainer needs of a backbone
     assert isinstance(generator.sampler, DDIMSampler) and generator.sampler.prediction == "epsilon"
     assert generator.space.scale == 0.18215 and generator.space.shift == 0.0
     assert generator.latent_shape == (4, 8, 8) and generator.space.image_size == 16
@@ -368,7 +369,8 @@ def test_joint_loss_with_a_fresh_idm_trains_a_saved_sd15_folder(sd_folder, tmp_p
 
 
 def test_dis_coef_without_idm_on_a_plain_sd15_folder_is_one_line(sd_folder, tmp_path, capsys):
-    code = main(["train", "--model", str(sd_folder), "--out", str(tmp_path / "run"), "--quiet", "algo.dis_coef=0.1"])
+    code = main(["train", "--model", str(sd_folder), "--algo", "ppo", "--out", str(tmp_path / "run"), "--quiet",
+                 "algo.dis_coef=0.1"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "model.idm=true" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()

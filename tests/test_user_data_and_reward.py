@@ -79,11 +79,13 @@ def test_the_held_out_part_is_deterministic_and_never_trained_on(files):
 
 
 def test_the_default_shapes_run_evaluates_on_the_same_held_out_set_as_before():
-    cfg = build_config()
+    cfg = build_config()  # the default base is a loose-world model: its world's held-out set
     evaluation = eval_data(cfg)
-    assert evaluation.layouts == held_out_layouts(cfg.eval.layouts, cfg.eval.levels, cfg.eval.seed)
+    assert evaluation.layouts == held_out_layouts(cfg.eval.layouts, cfg.eval.levels, cfg.eval.seed, "loose")
     assert evaluation.train_layouts is None and evaluation.held_out == 0
-    assert evaluation.layouts == sample_layouts(250, [2, 3, 4, 5, 6], seed=1234, balanced=True)
+    assert evaluation.layouts == sample_layouts(250, [2, 3, 4, 5, 6], seed=1234, balanced=True, world="loose")
+    classic = eval_data(build_config({}, [("model.name", "shapes-tiny")]))  # the hard benchmark's set is unchanged
+    assert classic.layouts == sample_layouts(250, [2, 3, 4, 5, 6], seed=1234, balanced=True)
 
 
 def test_reward_options_accept_any_key_from_yaml_and_the_command_line():
@@ -171,3 +173,26 @@ def test_a_reward_from_a_folder_outside_diffrl_trains_with_its_options(tmp_path)
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(2 <= line["reward_mean"] <= 4 and "train_isr" not in line for line in lines)
     assert "per-image scores only" in result.stdout
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_eval_takes_reward_options_as_train_does(saved_generator, monkeypatch, capsys):
+    import diffrl.rewards
+
+    seen = []
+
+    def spy(spec, model=None, options=None, *rest):
+        seen.append(dict(options or {}))
+        return build_reward(spec, model, options, *rest)
+
+    monkeypatch.setattr(diffrl.rewards, "build_reward", spy)
+    assert main(["eval", "--model", str(saved_generator), "--layouts", "2", "--levels", "2", "--steps", "2",
+                 "--leakage", "0", "--quiet", "reward.options.normalize=false"]) == 0
+    assert seen == [{"normalize": False}]  # parsed as YAML, like train's section.key=value
+    capsys.readouterr()
+    assert main(["eval", "--model", str(saved_generator), "reward.options.scale=2"]) == 2  # the constructor's check
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "reward.options for shapes" in err[0] and "'scale'" in err[0], err
+    assert main(["eval", "--model", str(saved_generator), "algo.lr=1"]) == 2  # eval has no training config
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "algo.lr" in err[0] and "reward.options" in err[0], err

@@ -9,7 +9,8 @@ only what a rollout ends with: the final latent x0 of each sample, its condition
 and train the velocity there (so any sampler may make the rollouts: the ODE, or the SDE):
 
 * **AWM** (Advantage Weighted Matching, 2025):
-  ``L = mean_i A_i·‖v_θ(x_t⁽ⁱ⁾, t) − v*⁽ⁱ⁾‖² + β_KL·‖v_θ − v_ref‖²`` with group-normalised advantages A of both signs.
+  ``L = mean_i A_i·w(‖v_θ(x_t⁽ⁱ⁾, t) − v*⁽ⁱ⁾‖²) + β_KL·‖v_θ − v_ref‖²`` with group-normalised advantages A of both
+  signs; w is the identity, or (``forward.awm_power`` p < 1) Flow-Factory's generalised Huber weighting (`awm_loss`).
 * **NFT** (DiffusionNFT, Zheng et al. 2025, arXiv 2509.16117): with r = clip(A / A_max, −1, 1)/2 + 1/2 ∈ [0, 1],
   ``v⁺ = (1−β)·v_old + β·v_θ`` and ``v⁻ = (1+β)·v_old − β·v_θ``,
   ``L = A_max/β · mean_i [r_i·‖x̂0(v⁺) − x0‖²/w⁺ + (1−r_i)·‖x̂0(v⁻) − x0‖²/w⁻] + β_KL·‖v_θ − v_ref‖²``
@@ -92,9 +93,18 @@ def per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
     return ((a.float() - b.float()) ** 2).flatten(1).mean(1)
 
 
-def awm_loss(velocity: Tensor, target: Tensor, advantages: Tensor) -> Tensor:
-    """AWM's policy term: mean_i A_i·‖v_i − v*_i‖² (velocity, target [B, C, H, W]; advantages [B])."""
-    return (advantages * per_sample_mse(velocity, target)).mean()
+def awm_loss(velocity: Tensor, target: Tensor, advantages: Tensor, t: Tensor | None = None, power: float = 1.0,
+             eps: float = 1e-10) -> Tensor:
+    """AWM's policy term mean_i A_i·w(ℓ_i) on the matching loss ℓ_i = ‖v_i − v*_i‖² (velocity, target [B, C, H, W];
+    advantages, t [B]). ``power`` 1: w(ℓ) = ℓ, the plain loss. ``power`` p < 1: the generalised Huber weighting
+    w(ℓ, t) = t/p·((ℓ + eps)^p − eps^p) that Flow-Factory ships for AWM (``awm_weighting: ghuber``, p = 0.25,
+    eps = 1e-10). Its gradient t·(ℓ + eps)^(p−1)·∇ℓ scales each sample's pull by a power of its own error, so the
+    noisiest times and samples, whose large ‖v − v*‖² is mostly the noise's, do not set the update's size (as NFT's
+    adaptive weights do)."""
+    loss = per_sample_mse(velocity, target)
+    if power != 1.0:
+        loss = t * ((loss + eps) ** power - eps**power) / power
+    return (advantages * loss).mean()
 
 
 def nft_reward(advantages: Tensor, adv_clip: float) -> Tensor:
@@ -212,7 +222,7 @@ class AWM(ForwardLearner):
     name = "awm"
 
     def policy_loss(self, velocity, x_t, x0, t, target, advantages, index, cond):
-        return awm_loss(velocity, target, advantages)
+        return awm_loss(velocity, target, advantages, t, self.fwd.awm_power)
 
 
 class OldWeights(nn.Module):

@@ -26,11 +26,11 @@ in, which a restarted process has not seen; with the cache, KL columns can diffe
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import time
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -38,30 +38,23 @@ import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm.auto import tqdm
 
-import diffrl.algos.forward  # noqa: F401  (registers "awm", "nft")
-import diffrl.algos.grpo  # noqa: F401  (registers "grpo")
-import diffrl.algos.ppo  # noqa: F401  (registers "ppo")
-import diffrl.algos.sft_learner  # noqa: F401  (registers "sft")
-import diffrl.envs.layout_env  # noqa: F401  (registers "layout")
 from diffrl.algos.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, remove_stale, restore_rng,
                                     save_checkpoint)
 from diffrl.algos.forward import require_flow
 from diffrl.algos.learner import require_idm
-from diffrl.algos.replica import learner_replica
+from diffrl.algos.replica import frozen_copy  # noqa: F401  (its home was here; code and tests import it from here)
+from diffrl.algos.replica import build_learner, learner_replica  # importing it registers every learner and the env
 from diffrl.algos.sft import Paired
-from diffrl.config import (TrainConfig, chunk_layouts, http_options, is_forward_learner, rollout_window, save_yaml,
-                           uses_paired_data, uses_ray)
+from diffrl.config import TrainConfig, chunk_layouts, http_options, save_yaml, uses_paired_data, uses_ray
 from diffrl.distributed.learners import LearnerGroup
 from diffrl.distributed.ray_workers import ScaleOut
 from diffrl.envs.datasets import JsonlLayouts, make_source
 from diffrl.errors import UserError
 from diffrl.files import atomic_write_text
-from diffrl.eval.data import eval_data
+from diffrl.eval.data import EvalData, eval_data
 from diffrl.eval.evaluate import evaluate
 from diffrl.eval.visualize import save_grid
-from diffrl.policies.actor import SDEPolicyNet, make_actor
 from diffrl.policies.generator import LayoutGenerator, build_generator
-from diffrl.policies.lora import LoraReference, has_lora
 from diffrl.policies.text import ConditionStore
 from diffrl.registry import ALGOS, ENVS
 from diffrl.rewards import Reward, build_reward
@@ -71,16 +64,6 @@ from diffrl.rewards.guard import GuardedReward, is_unavailable
 
 def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{cfg.algo.name}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def frozen_copy(generator: LayoutGenerator) -> LayoutGenerator:
-    """The reference policy π_ref: the initial denoiser, frozen (text encoder, latent space, sampler and guidance
-    shared). With LoRA it is the policy's own backbone with LoRA off (`LoraReference`: no second backbone)."""
-    if has_lora(generator.denoiser):
-        denoiser = LoraReference(generator.denoiser).eval()
-    else:
-        denoiser = copy.deepcopy(generator.denoiser).requires_grad_(False).eval()
-    return LayoutGenerator(denoiser, generator.text, generator.space, generator.sampler, generator.guidance_scale)
 
 
 def paired_renders(generator: LayoutGenerator, store: ConditionStore) -> Paired:
@@ -114,11 +97,37 @@ def _report(event: str) -> None:
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """The run, step by step: build what it needs (checked before its folder is touched), start it (Ray, the folder,
+    env, policy, learner), evaluate the base model (or load the checkpoint a resumed run continues from), iterate
+    collect → update → log → checkpoint, evaluate the trained model. → the run folder."""
     started_run = time.time()
-    run = Path(cfg.out) if cfg.out else default_run_dir(cfg)
-    if not resume and run.exists() and any(run.iterdir()):
-        raise UserError(f"run folder {run} is not empty: pass another --out, or --resume {run} to continue it")
-    # Everything a user can get wrong is checked before the run folder is touched.
+    folder = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    if not resume and folder.exists() and any(folder.iterdir()):
+        raise UserError(f"run folder {folder} is not empty: pass another --out, or --resume {folder} to continue it")
+    parts = build(cfg)
+    with ExitStack() as cleanup:
+        run = start(cfg, folder, parts, cleanup, progress, started_run)
+        run.begin(resume)
+        run.iterate()
+        return run.finish()
+
+
+@dataclass
+class _Parts:
+    """What `build` makes before the run folder exists: every part a user's settings can get wrong."""
+
+    device: torch.device
+    source: object  # the training layouts (`diffrl.envs.datasets`)
+    evaluation: EvalData  # eval.data's layouts, and what the --data file holds out for them
+    reward: Reward | None  # None with --reward-workers: the reward actors score
+    env_cls: type
+    algo_cls: type
+    generator: LayoutGenerator
+
+
+def build(cfg: TrainConfig) -> _Parts:
+    """Data, evaluation set, reward and generator; everything a user can get wrong is checked here, before the run
+    folder is touched."""
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.model.device)
     source = make_source(cfg.env.data, cfg.env.levels, seed=cfg.seed)
@@ -132,94 +141,113 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         generator = build_generator(cfg.model, cfg.policy.train).to(device)
     require_idm(cfg.algo, generator)
     require_flow(cfg.algo.name, generator)
-    with ExitStack() as cleanup:
-        scale = cleanup.enter_context(ScaleOut(cfg, generator, device)) if uses_ray(cfg) else None  # Ray starts here only
-        if scale is not None and scale.reward is not None:
-            reward = scale.reward  # evaluations score on the reward actors too
-        run.mkdir(parents=True, exist_ok=True)
-        cfg.out = str(run)
-        save_yaml(cfg, run / "config.yaml")
+    return _Parts(device, source, evaluation, reward, env_cls, algo_cls, generator)
 
-        store = ConditionStore()
-        phase = _Phase(f"train {cfg.algo.name}")
-        guarded = GuardedReward(_Announced(reward, phase) if reward is not None else reward)
-        env = env_cls(
-            generator, guarded, source, store,
-            layouts_per_reset=cfg.env.layouts_per_iter, group_size=cfg.env.group_size,
-            num_steps=cfg.env.num_steps, shift=cfg.env.shift, seed=cfg.seed, share_noise=cfg.env.share_noise,
-            device=device,
-        )
-        policy = SDEPolicyNet(generator, store, cfg.policy.noise_level, *rollout_window(cfg))
-        actor = make_actor(policy, env.action_spec, cfg.algo.log_prob_reduce)
-        if is_forward_learner(cfg):  # AWM / NFT: the flow-matching loss on final samples, no actor to score
-            learner = algo_cls(generator, frozen_copy(generator), store, cfg.algo, cfg.forward, env.sigmas)
-        else:
-            reference = SDEPolicyNet(frozen_copy(generator), store, cfg.policy.noise_level, *rollout_window(cfg))
-            learner = algo_cls(policy, reference, actor, cfg.algo)
-        if cfg.ray.learners > 1:  # the update on N Ray Train processes; rollouts and evaluation stay here
-            learner = cleanup.enter_context(LearnerGroup(cfg, learner, generator, store, learner_replica))
 
-        uses_pairs = uses_paired_data(cfg)
-        eval_set = evaluation.layouts
-        if not evaluation.default:  # the Shapes default stays quiet, as it always was
-            _report(f"evaluating on {evaluation.name}, judged by the reward {cfg.reward.name}")
-        eval_kwargs = dict(num_steps=cfg.env.num_steps, shift=cfg.env.shift, batch_size=cfg.eval.batch_size,
-                           seed=cfg.eval.seed, progress=progress)
-        eval_oom = f"in evaluation: lower eval.batch_size (now {cfg.eval.batch_size})"
-        rollout_oom = (f"while generating rollouts: lower env.layouts_per_iter (now {cfg.env.layouts_per_iter})"
-                       + (f" or ray.chunk_layouts (now {chunk_layouts(cfg)})" if scale is not None else ""))
-        update_oom = (f"in the update: lower algo.minibatch_size (now {cfg.algo.minibatch_size}) or env.layouts_per_iter "
-                      f"(now {cfg.env.layouts_per_iter})")
-        start_iteration, wall_before = 0, 0.0
-        checkpoints = run / "checkpoints"
-        if resume and (latest := latest_checkpoint(checkpoints)) is not None:
-            remove_stale(checkpoints)
-            start_iteration, rng = load_checkpoint(latest, learner.trainable_modules(), learner.optimizer)
-            learner.iteration = start_iteration  # NFT's soft update of v_old depends on it
-            restore_rng(rng, env.noise_generator, source, device)
-            base = json.loads((run / "base.json").read_text())
-            wall_before = base.pop("wall_seconds_so_far", 0.0)
+def start(cfg: TrainConfig, folder: Path, parts: _Parts, cleanup: ExitStack, progress: bool,
+          started_run: float) -> "_Run":
+    """Ray (only when asked), the run folder with its config.yaml, the env, the policy and the learner."""
+    scale = cleanup.enter_context(ScaleOut(cfg, parts.generator, parts.device)) if uses_ray(cfg) else None
+    reward = parts.reward
+    if scale is not None and scale.reward is not None:
+        reward = scale.reward  # evaluations score on the reward actors too
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg.out = str(folder)
+    save_yaml(cfg, folder / "config.yaml")
+
+    store = ConditionStore()
+    phase = _Phase(f"train {cfg.algo.name}")
+    guarded = GuardedReward(_Announced(reward, phase) if reward is not None else reward)
+    env = parts.env_cls(
+        parts.generator, guarded, parts.source, store,
+        layouts_per_reset=cfg.env.layouts_per_iter, group_size=cfg.env.group_size,
+        num_steps=cfg.env.num_steps, shift=cfg.env.shift, seed=cfg.seed, share_noise=cfg.env.share_noise,
+        device=parts.device,
+    )
+    learner, actor = build_learner(cfg, parts.generator, store, env)
+    if cfg.ray.learners > 1:  # the update on N Ray Train processes; rollouts and evaluation stay here
+        learner = cleanup.enter_context(LearnerGroup(cfg, learner, parts.generator, store, learner_replica))
+    if not parts.evaluation.default:  # the Shapes default stays quiet, as it always was
+        _report(f"evaluating on {parts.evaluation.name}, judged by the reward {cfg.reward.name}")
+    return _Run(cfg, folder, parts, reward, guarded, store, env, actor, learner, scale, phase, progress, started_run)
+
+
+@dataclass
+class _Run:
+    """A started run: its parts, and what it measured so far (``base``, the wall time of earlier processes)."""
+
+    cfg: TrainConfig
+    folder: Path
+    parts: _Parts
+    reward: Reward | None  # the evaluations' scorer (the reward actors' with --reward-workers)
+    guarded: GuardedReward  # the rollouts' scorer, counting samples whose reward failed
+    store: ConditionStore
+    env: object
+    actor: object
+    learner: object
+    scale: ScaleOut | None
+    phase: "_Phase"
+    progress: bool
+    started_run: float
+    base: dict = field(default_factory=dict)
+    wall_before: float = 0.0
+    start_iteration: int = 0
+
+    @property
+    def generator(self) -> LayoutGenerator:
+        return self.parts.generator
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.folder / "checkpoints"
+
+    def evaluate(self, desc: str):
+        """→ (metrics, images) of the generator now on the evaluation set; a GPU OOM names eval.batch_size."""
+        cfg = self.cfg
+        with oom_hint(f"in evaluation: lower eval.batch_size (now {cfg.eval.batch_size})"):
+            return evaluate(self.generator, self.reward, self.parts.evaluation.layouts, desc=desc,
+                            num_steps=cfg.env.num_steps, shift=cfg.env.shift, batch_size=cfg.eval.batch_size,
+                            seed=cfg.eval.seed, progress=self.progress)
+
+    def save_grid(self, name: str, images) -> None:
+        grid, layouts = self.cfg.eval.grid, self.parts.evaluation.layouts
+        save_grid(self.folder / name, images[:grid], layouts[:grid])
+
+    def begin(self, resume: bool) -> None:
+        """Evaluate the base model, or, resuming, load the last checkpoint (weights, optimizer, RNGs) and the base
+        evaluation, and drop the metric lines written after that checkpoint."""
+        if resume and (latest := latest_checkpoint(self.checkpoints)) is not None:
+            remove_stale(self.checkpoints)
+            self.start_iteration, rng = load_checkpoint(latest, self.learner.trainable_modules(), self.learner.optimizer)
+            self.learner.iteration = self.start_iteration  # NFT's soft update of v_old depends on it
+            restore_rng(rng, self.env.noise_generator, self.parts.source, self.parts.device)
+            self.base = json.loads((self.folder / "base.json").read_text())
+            self.wall_before = self.base.pop("wall_seconds_so_far", 0.0)
         else:
-            with oom_hint(eval_oom):
-                base, base_images = evaluate(generator, reward, eval_set, desc="eval base", **eval_kwargs)
-            save_grid(run / "samples_before.png", base_images[: cfg.eval.grid], eval_set[: cfg.eval.grid])
-            atomic_write_text(run / "base.json", json.dumps(base, indent=2) + "\n")
+            self.base, base_images = self.evaluate("eval base")
+            self.save_grid("samples_before.png", base_images)
+            atomic_write_text(self.folder / "base.json", json.dumps(self.base, indent=2) + "\n")
         if resume:
-            _truncate_metrics(run / "metrics.jsonl", start_iteration)
+            _truncate_metrics(self.folder / "metrics.jsonl", self.start_iteration)
 
+    def iterate(self) -> None:
+        """The training iterations, each a line of metrics.jsonl and TensorBoard scalars."""
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run / "tb"))
-        bar = tqdm(range(start_iteration, cfg.iterations), desc=f"train {cfg.algo.name}", disable=not progress,
-                   initial=start_iteration, total=cfg.iterations)
+        cfg = self.cfg
+        writer = SummaryWriter(str(self.folder / "tb"))
+        bar = tqdm(range(self.start_iteration, cfg.iterations), desc=f"train {cfg.algo.name}",
+                   disable=not self.progress, initial=self.start_iteration, total=cfg.iterations)
         down = 0  # iterations in a row on which the reward could not be reached for any sample
-        phase.bar = bar
-        with open(run / "metrics.jsonl", "a") as metrics_file:
+        self.phase.bar = bar
+        with open(self.folder / "metrics.jsonl", "a") as metrics_file:
             for iteration in bar:
                 tic = time.time()
-                phase("rollout")
-                with oom_hint(rollout_oom):
-                    if scale is None:
-                        with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
-                            rollout = env.rollout(cfg.env.num_steps, actor, auto_reset=True)
-                        out, errors, events, stats = env.last[2], guarded.take_errors(), [], {}
-                    else:  # the same layouts the env would draw, denoised in chunks on Ray
-                        layouts = source.sample(cfg.env.layouts_per_iter)
-                        got = scale.collect(iteration, layouts)
-                        store.set(layouts, generator.encode_layouts(layouts).to(device))
-                        rollout, out, errors, events, stats = got.rollout.to(device), got.reward, got.errors, got.events, got.stats
+                rollout, out, errors, events, stats = self.collect(iteration)
                 rollout_seconds = time.time() - tic
                 rollout, rewards, valid = _drop_invalid(rollout, errors, events, iteration)
-                phase("update")
-                with oom_hint(update_oom):
-                    logs = learner.update(rollout, paired_renders(generator, store) if uses_pairs else None) if len(rewards) else {}
-                progress_eval = {}
-                if cfg.eval.every and (iteration + 1) % cfg.eval.every == 0 and iteration + 1 < cfg.iterations:
-                    eval_tic = time.time()
-                    with oom_hint(eval_oom):
-                        metrics, _ = evaluate(generator, reward, eval_set, desc="eval", **eval_kwargs)
-                    progress_eval = {"eval_isr": metrics["isr"], "eval_miou": metrics["miou"],
-                                     "eval_reward": metrics["reward"], "eval_seconds": time.time() - eval_tic}
+                logs = self.update(rollout, rewards)
+                progress_eval = self.progress_eval(iteration)
                 entry = {
                     "iteration": iteration + 1,
                     **({"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())} if len(rewards) else {}),
@@ -233,49 +261,100 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     "seconds": time.time() - tic - progress_eval.get("eval_seconds", 0.0),  # training time only
                     **({"events": events} if events else {}),
                 }
-                metrics_file.write(json.dumps(entry) + "\n")
-                metrics_file.flush()
-                for event in events:
-                    _report(f"iteration {iteration + 1}: {event}")
-                for key, value in entry.items():
-                    if key != "iteration" and isinstance(value, (int, float)):
-                        writer.add_scalar(f"train/{key}", value, iteration + 1)
-                if "reward_mean" in entry:
-                    bar.set_postfix(reward=f"{entry['reward_mean']:.3f}", kl=f"{logs.get('kl_ref', 0):.3g}")
-                if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations:
-                    rng = capture_rng(env.noise_generator, source, device)
-                    if isinstance(learner, LearnerGroup):  # every learner writes its part (torch.distributed.checkpoint)
-                        learner.save_checkpoint(checkpoints, iteration + 1, rng)
-                    else:
-                        save_checkpoint(checkpoints, iteration + 1, learner.trainable_modules(), learner.optimizer, rng)
-                    atomic_write_text(run / "base.json", json.dumps(
-                        {**base, "wall_seconds_so_far": wall_before + time.time() - started_run}, indent=2) + "\n")
+                self.log(entry, metrics_file, writer, bar)
+                self.checkpoint(iteration)
                 down = down + 1 if _reward_down(errors, len(valid)) else 0
                 if down >= cfg.reward.max_down_iterations:
                     raise UserError(f"iterations {iteration + 2 - down}–{iteration + 1}: the reward was unreachable on "
                                     f"every sample (reward.max_down_iterations={down}; {errors[0]}); bring it back and "
-                                    f"continue with --resume {run}")
+                                    f"continue with --resume {self.folder}")
         writer.close()
 
-        with oom_hint(eval_oom):
-            try:
-                final, final_images = evaluate(generator, reward, eval_set, desc="eval final", **eval_kwargs)
-            except RewardUnavailable as err:
-                raise UserError(f"final evaluation: {err}; the trained weights are saved: once the reward is back, "
-                                f"--resume {run} evaluates them and writes summary.json") from None
-        save_grid(run / "samples_after.png", final_images[: cfg.eval.grid], eval_set[: cfg.eval.grid])
+    def collect(self, iteration: int):
+        """One iteration's rollouts with their rewards: in this process, or in chunks on Ray with the same layouts
+        the env would draw. → (rollout [B, T], reward output, reward errors, events, scale-out stats)"""
+        cfg, env = self.cfg, self.env
+        self.phase("rollout")
+        with oom_hint(f"while generating rollouts: lower env.layouts_per_iter (now {cfg.env.layouts_per_iter})"
+                      + (f" or ray.chunk_layouts (now {chunk_layouts(cfg)})" if self.scale is not None else "")):
+            if self.scale is None:
+                with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+                    rollout = env.rollout(cfg.env.num_steps, self.actor, auto_reset=True)
+                return rollout, env.last[2], self.guarded.take_errors(), [], {}
+            layouts = self.parts.source.sample(cfg.env.layouts_per_iter)
+            got = self.scale.collect(iteration, layouts)
+            self.store.set(layouts, self.generator.encode_layouts(layouts).to(self.parts.device))
+            return got.rollout.to(self.parts.device), got.reward, got.errors, got.events, got.stats
+
+    def update(self, rollout, rewards) -> dict:
+        """The learner's update on the valid samples (none left: skipped); → its logs."""
+        cfg = self.cfg
+        self.phase("update")
+        with oom_hint(f"in the update: lower algo.minibatch_size (now {cfg.algo.minibatch_size}) or "
+                      f"env.layouts_per_iter (now {cfg.env.layouts_per_iter})"):
+            if not len(rewards):
+                return {}
+            return self.learner.update(rollout, paired_renders(self.generator, self.store) if uses_paired_data(cfg)
+                                       else None)
+
+    def progress_eval(self, iteration: int) -> dict:
+        """With eval.every, an evaluation between iterations (not after the last: the final one follows)."""
+        every, iterations = self.cfg.eval.every, self.cfg.iterations
+        if not (every and (iteration + 1) % every == 0 and iteration + 1 < iterations):
+            return {}
+        eval_tic = time.time()
+        metrics, _ = self.evaluate("eval")
+        return {"eval_isr": metrics["isr"], "eval_miou": metrics["miou"], "eval_reward": metrics["reward"],
+                "eval_seconds": time.time() - eval_tic}
+
+    def log(self, entry: dict, metrics_file, writer, bar) -> None:
+        """A line of metrics.jsonl (flushed), its events on stderr, its numbers in TensorBoard and on the bar."""
+        metrics_file.write(json.dumps(entry) + "\n")
+        metrics_file.flush()
+        iteration = entry["iteration"]
+        for event in entry.get("events", []):
+            _report(f"iteration {iteration}: {event}")
+        for key, value in entry.items():
+            if key != "iteration" and isinstance(value, (int, float)):
+                writer.add_scalar(f"train/{key}", value, iteration)
+        if "reward_mean" in entry:
+            bar.set_postfix(reward=f"{entry['reward_mean']:.3f}", kl=f"{entry.get('kl_ref', 0):.3g}")
+
+    def checkpoint(self, iteration: int) -> None:
+        """Every checkpoint_every iterations and after the last: weights, optimizer, RNGs; and base.json with the
+        wall time so far, for a resumed run's total."""
+        if (iteration + 1) % self.cfg.checkpoint_every == 0 or iteration + 1 == self.cfg.iterations:
+            rng = capture_rng(self.env.noise_generator, self.parts.source, self.parts.device)
+            if isinstance(self.learner, LearnerGroup):  # every learner writes its part (torch.distributed.checkpoint)
+                self.learner.save_checkpoint(self.checkpoints, iteration + 1, rng)
+            else:
+                save_checkpoint(self.checkpoints, iteration + 1, self.learner.trainable_modules(),
+                                self.learner.optimizer, rng)
+            atomic_write_text(self.folder / "base.json", json.dumps(
+                {**self.base, "wall_seconds_so_far": self.wall_before + time.time() - self.started_run},
+                indent=2) + "\n")
+
+    def finish(self) -> Path:
+        """The final evaluation, its grid and summary.json. → the run folder."""
+        try:
+            final, final_images = self.evaluate("eval final")
+        except RewardUnavailable as err:
+            raise UserError(f"final evaluation: {err}; the trained weights are saved: once the reward is back, "
+                            f"--resume {self.folder} evaluates them and writes summary.json") from None
+        self.save_grid("samples_after.png", final_images)
+        evaluation = self.parts.evaluation
         summary = {
-            "base": base,
+            "base": self.base,
             "final": final,
-            "iterations": cfg.iterations,
-            "wall_seconds": wall_before + time.time() - started_run,  # this process plus earlier ones of a resumed run
-            "eval_layouts": len(eval_set),
+            "iterations": self.cfg.iterations,
+            "wall_seconds": self.wall_before + time.time() - self.started_run,  # plus earlier processes of a resume
+            "eval_layouts": len(evaluation.layouts),
             "eval_data": evaluation.name,
             "held_out": evaluation.held_out,  # layouts of the --data file kept out of training for the evaluation
-            "judge": f"reward {cfg.reward.name}",
+            "judge": f"reward {self.cfg.reward.name}",
         }
-        atomic_write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
-        return run
+        atomic_write_text(self.folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return self.folder
 
 
 class _Phase:

@@ -52,6 +52,21 @@ class LooseShapesLayouts(ShapesLayouts):
     world = "loose"
 
 
+def model_data(model: str) -> str:
+    """The Shapes dataset a generator was pre-trained in (``env.data=''``, the default): the world its folder's
+    ``pretrain.json`` names (`diffrl pretrain --world`), ``shapes`` (the classic world) for any other model."""
+    import json
+
+    from diffrl.policies.generator import resolve_model
+
+    try:
+        record = resolve_model(model) / "pretrain.json"
+    except UserError:  # not loadable: the generator's loader says why, with the whole run's context
+        return "shapes"
+    world = json.loads(record.read_text())["config"].get("world", "classic") if record.is_file() else "classic"
+    return next(name for name, cls in DATASETS.items() if getattr(cls, "world", None) == world)
+
+
 def shapes_world(data: str) -> str | None:
     """The Shapes world (`diffrl.shapes.world.WORLDS`) whose layouts ``--data`` names, or None for a file."""
     cls = DATASETS.get(data) if data in DATASETS else None

@@ -170,7 +170,8 @@ def run_trial(spec: dict) -> dict:
     final = summary["final"]
     result = {"trial": spec["trial"], "row": spec["row"], "seed": spec["seed"],
               "isr": final["isr"], "miou": final["miou"], "reward": final["reward"],
-              **{f"{m}_{level}": block[m] for level, block in final["per_level"].items() for m in ("isr", "miou")},
+              # a reward with per-image scores only has no ISR / mIoU (None, shown as a dash in the report)
+              **{f"{m}_{level}": block.get(m) for level, block in final["per_level"].items() for m in ("isr", "miou")},
               "base_isr": summary["base"]["isr"], "base_miou": summary["base"]["miou"],
               "base_reward": summary["base"]["reward"], "iterations": summary["iterations"],
               "train_seconds": summary["wall_seconds"]}
@@ -254,6 +255,17 @@ def _trial_id(trial) -> str:
     return trial.config["trial"]["trial"]
 
 
+def trial_line(r: dict, done: int, total: int) -> str:
+    """The progress line of a finished trial's result ``r``; a metric it lacks (None: ISR and mIoU of a reward with
+    per-image scores only) reads "–"."""
+    def num(key: str) -> str:
+        return "–" if r.get(key) is None else f"{r[key]:.3f}"
+
+    leak = f"  leakage {num('leakage')}  neighbour px {num('neighbour_pixels')}" if "leakage" in r else ""
+    return (f"[{done}/{total}] {r['row']} seed {r['seed']}: ISR {num('isr')}  mIoU {num('miou')}  reward "
+            f"{num('reward')}{leak}  ({r['seconds']:.0f} s)")
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     lines = [line for line in text if line.strip()]
@@ -275,10 +287,8 @@ def _progress_class():
         def on_trial_complete(self, iteration, trials, trial, **info):
             r = trial.last_result or {}
             self.done += 1
-            leak = f"  leakage {r['leakage']:.3f}  neighbour px {r['neighbour_pixels']:.3f}" if "leakage" in r else ""
             if "isr" in r:
-                self.say(f"[{self.done}/{self.total}] {r['row']} seed {r['seed']}: ISR {r['isr']:.3f}  mIoU "
-                         f"{r['miou']:.3f}  reward {r['reward']:.3f}{leak}  ({r['seconds']:.0f} s)")
+                self.say(trial_line(r, self.done, self.total))
 
         def on_trial_error(self, iteration, trials, trial, **info):
             spec = trial.config["trial"]

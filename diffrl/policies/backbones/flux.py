@@ -234,7 +234,8 @@ def load_flux_generator(path: str | Path, dtype: str = "float32", adapter: str |
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
     from transformers.utils import logging as hf_logging
 
-    from diffrl.policies.generator import LayoutGenerator, VAESpace, _dtype
+    from diffrl.policies.layout_generator import LayoutGenerator, VAESpace
+    from diffrl.policies.layout_generator import torch_dtype as _dtype
 
     path = Path(path)
     check_folder(path)

@@ -110,7 +110,7 @@ def require_parts(path: Path, needed: dict[str, str], example: str) -> None:
 def load_matching_adapter(adapter: str | Path, path: Path, dim: int, phrase_dim: int, blocks: int):
     """``model.adapter``'s layout adapter, checked to fit the backbone at ``path`` (its width, phrase width and block
     count), else one line saying what it was made for."""
-    from diffrl.policies.generator import load_adapter  # generator imports the backbones
+    from diffrl.policies.layout_generator import load_adapter
 
     layout_adapter = load_adapter(Path(adapter))
     cfg = layout_adapter.config
@@ -130,7 +130,8 @@ def load_sd3_generator(path: str | Path, dtype: str = "float32", t5: bool = Fals
     from transformers.utils import logging as hf_logging
 
     from diffrl.policies.backbones.mmdit import LayoutMMDiT
-    from diffrl.policies.generator import LayoutGenerator, VAESpace, _dtype
+    from diffrl.policies.layout_generator import LayoutGenerator, VAESpace
+    from diffrl.policies.layout_generator import torch_dtype as _dtype
     from diffrl.policies.samplers import FlowSampler
 
     path = Path(path)

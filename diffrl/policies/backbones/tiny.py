@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from diffrl.policies.backbones.mmdit import LayoutMMDiT
-from diffrl.policies.generator import LatentSpace, LayoutGenerator
+from diffrl.policies.layout_generator import LatentSpace, LayoutGenerator
 from diffrl.policies.text import TextEncoder, build_word_tokenizer
 from diffrl.registry import MODELS
 from diffrl.shapes.world import COLORS, SHAPES
@@ -68,7 +68,8 @@ def build_tiny_generator(seed: int = 0, box_mask: bool = True) -> LayoutGenerato
     return LayoutGenerator(denoiser, TextEncoder(tokenizer, text_model), space)
 
 
-PACKAGED = Path(__file__).resolve().parents[2] / "assets" / "shapes-tiny"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+PACKAGED = ASSETS / "shapes-tiny"
 
 
 @MODELS.register("shapes-tiny")
@@ -76,4 +77,11 @@ def shapes_tiny() -> Path:
     """The pre-trained tiny Shapes generator shipped in the package: the classic world (`--data shapes`), the hard
     benchmark."""
     return PACKAGED
+
+
+@MODELS.register("shapes-mislabeled")
+def shapes_mislabeled() -> Path:
+    """The default base: shapes-tiny pre-trained further in the loose-box world (`--data shapes-loose`) on phrases
+    whose colour word a noisy captioner swapped for its look-alike (its folder's pretrain.json has the command)."""
+    return ASSETS / "shapes-mislabeled"
 

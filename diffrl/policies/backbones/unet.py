@@ -222,7 +222,8 @@ def load_sd_generator(path: str | Path, dtype: str = "float32", adapter: str | P
     from transformers import AutoTokenizer, CLIPTextModel
     from transformers.utils import logging as hf_logging
 
-    from diffrl.policies.generator import LayoutGenerator, VAESpace, _dtype, load_adapter
+    from diffrl.policies.layout_generator import LayoutGenerator, VAESpace, load_adapter
+    from diffrl.policies.layout_generator import torch_dtype as _dtype
 
     if t5:
         raise UserError("config model.t5 is for SD3; an SD1.x model has one CLIP text encoder (set model.t5=false)")
