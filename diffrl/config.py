@@ -70,6 +70,7 @@ class AlgoConfig:
     lr: float = option(1e-5, "learning rate of the generator (awm, nft: 1e-4, their own default)")
     epochs: int = option(1, "passes over each iteration's transitions")
     minibatch_size: int = option(64, "samples of one denoising step per gradient step (≥ batch: the whole step)")
+    micro_batch: int = option(0, "rows per forward/backward pass of a minibatch, their gradients summed exactly (0: the minibatch split evenly over the --learners; one process: the whole minibatch). The update is the same bit for bit on any number of learners with the same micro_batch")
     clip_epsilon: float = option(0.2, "PPO ratio clip ζ")
     kl_coef: float = option(0.01, "weight of KL(π_θ ‖ π_ref) to the initial policy")
     log_prob_reduce: Literal["sum", "mean"] = option("sum", "log-prob over latent dims: sum (exact density) or mean (Flow-GRPO)")
@@ -136,7 +137,7 @@ class RayConfig:
     chunk_timeout: float = option(0.0, "seconds a rollout worker may take for a chunk (queueing behind its other chunk included) before it counts as hung and is replaced (0: wait forever)")
     max_restarts: int = option(3, "replacements of a dead worker or reward actor per chunk before the run stops")
     dashboard: bool = option(False, "start Ray's dashboard (bound to 127.0.0.1) with a local cluster")
-    learners: int = option(1, "--learners: processes the update runs on, data-parallel through Ray Train (1: this process, no Ray; N: each takes 1/N of every minibatch, gradients summed, the same update)")
+    learners: int = option(1, "--learners: processes the update runs on, data-parallel through Ray Train (1: this process, no Ray; N: each runs its share of every minibatch's pieces, gradients summed, the same update)")
     learner_cpus: float = option(1.0, "CPUs per learner process (also its torch threads, at least 1); on cuda each learner also takes a GPU")
     learner_strategy: Literal["ddp", "fsdp"] = option("ddp", "--learners N: ddp (every learner holds the trainable weights; LoRA, adapters, models that fit a device) or fsdp (FSDP2 fully_shard of the denoiser, for full fine-tuning of large backbones: not implemented yet, one clear error)")
 
@@ -393,6 +394,9 @@ def _check_algo(cfg: TrainConfig) -> None:
         raise UserError(f"config env.group_size: --algo {cfg.algo.name} compares samples of one layout, so it needs ≥ 2")
     if cfg.algo.ldm_coef < 0:
         raise UserError(f"config algo.ldm_coef: must be ≥ 0, got {cfg.algo.ldm_coef}")
+    if cfg.algo.micro_batch < 0:
+        raise UserError(f"config algo.micro_batch: must be ≥ 0 (0: the minibatch split over the learners), got "
+                        f"{cfg.algo.micro_batch}")
     if cfg.algo.dis_coef < 0:
         raise UserError(f"config algo.dis_coef: must be ≥ 0, got {cfg.algo.dis_coef}")
     if uses_paired_data(cfg) and cfg.env.data != "shapes":
@@ -478,6 +482,15 @@ def chunk_layouts(cfg: TrainConfig) -> int:
         return min(cfg.ray.chunk_layouts, cfg.env.layouts_per_iter)
     chunks = 2 * cfg.ray.workers if cfg.ray.workers else 4
     return math.ceil(cfg.env.layouts_per_iter / chunks)
+
+
+def micro_batch(cfg: TrainConfig) -> int:
+    """Rows per forward/backward pass of the update: ``algo.micro_batch``, or by default a minibatch (at most the
+    iteration's samples) split evenly over ``ray.learners`` (0 with one learner: the whole minibatch)."""
+    if cfg.algo.micro_batch or cfg.ray.learners == 1:
+        return cfg.algo.micro_batch
+    rows = min(cfg.algo.minibatch_size, cfg.env.layouts_per_iter * cfg.env.group_size)
+    return math.ceil(rows / cfg.ray.learners)
 
 
 def uses_ray(cfg: TrainConfig) -> bool:

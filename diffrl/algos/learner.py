@@ -26,7 +26,7 @@ from torchrl.objectives import ClipPPOLoss
 
 from diffrl.algos.sft import Paired, flow_matching_loss
 from diffrl.config import AlgoConfig
-from diffrl.distributed.learners import WHOLE
+from diffrl.distributed.learners import WHOLE, GradSum, Logs, weigh
 from diffrl.errors import UserError
 from diffrl.policies.actor import LOG_PROB_KEY, OBSERVATION_KEYS, SDEPolicyNet
 from diffrl.policies.lora import TrainableOnly, has_lora
@@ -149,60 +149,72 @@ class Learner:
         the rollout's sample order, so with ``minibatch_size ≥ B`` the first pass recomputes exactly the
         rollout's forward and the importance ratio is exactly 1. With ``accumulate`` the gradients of a
         whole epoch (every window step and minibatch) are averaged into one optimizer step, as Flow-GRPO
-        accumulates over timesteps; otherwise each minibatch takes its own step."""
+        accumulates over timesteps; otherwise each minibatch takes its own step. A minibatch runs in pieces of
+        ``micro_batch`` rows (`diffrl.distributed.learners`: with --learners N, each learner runs its pieces)."""
         batch = self.window_batch(rollout)  # [B, W]
         with torch.no_grad():
             flat = batch.reshape(-1)
             advantage = self.advantages(flat, flat["reward"]).reshape(batch.shape)
         batch.set("advantage", advantage.unsqueeze(-1))
         batch.set("value_target", batch["reward"].unsqueeze(-1))
-        shard = self.shard  # --learners N: this process's rows of each minibatch (`diffrl.distributed.learners`)
-        self.loss.moments = shard.world > 1
-        logs = shard.logs()
         b, window = batch.shape
+        self.loss.moments = 0 < self.cfg.micro_batch < min(self.cfg.minibatch_size, b)  # pieces of a minibatch
+        logs = self.shard.logs()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grads = GradSum(params)
         chunks = [(step, start) for step in range(window) for start in range(0, b, self.cfg.minibatch_size)]
         per_step = 1 if not self.cfg.accumulate else len(chunks)  # minibatches whose gradients one step averages
-        for _ in range(self.cfg.epochs):
+        for epoch in range(self.cfg.epochs):
             order = [chunks[i] for i in torch.randperm(len(chunks)).tolist()]
-            for n, (step, start) in enumerate(order):
-                rows, share = shard.part(start, min(self.cfg.minibatch_size, b - start))
-                if share:
-                    out = self.loss(batch[rows, step])
+            for first in range(0, len(order), per_step):
+                group = [(epoch * len(order) + first + i, step, start)
+                         for i, (step, start) in enumerate(order[first : first + per_step])]
+                for piece in self.shard.pieces(group, b, self.cfg.minibatch_size, self.cfg.micro_batch):
+                    out = self.loss(batch[piece.rows, piece.step])
                     if (dis := self.dis_loss()) is not None:  # of the forward that just scored this minibatch
                         out.set("loss_dis", dis)
                     total = sum(v for k, v in out.items() if k.startswith("loss_"))
-                    (shard.weigh(total, share) / per_step).backward()
+                    grads.backward(weigh(total, piece.share) / per_step)
                     for key, value in out.items():
-                        logs.add(key, value, share)
-                if (n + 1) % per_step == 0 or n + 1 == len(order):
-                    if (ldm := self.ldm_loss(paired)) is not None:  # every process: the whole paired batch
-                        shard.weigh(ldm, shard.replicated).backward()
-                        logs.add("loss_ldm", ldm, None)
-                    if self.cfg.anchor_steps and rollout.shape[1] > self.policy.window_end:  # joins this step's gradient
-                        rows, share = shard.part(0, rollout.shape[0])
-                        anchor = self.anchor_loss(rollout, rows)
-                        if share:
-                            anchor = self.cfg.kl_coef * anchor
-                            shard.weigh(anchor, share).backward()
-                            logs.add("loss_anchor", anchor, share)
-                    shard.sync(params)
-                    logs.add("grad_norm", torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm), None)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                logs.next()
+                        logs.add(piece.slot, piece.index, key, value, piece.share)
+                self.optimizer_step(rollout, paired, params, grads, logs, group[-1][0])
         result = logs.result()
         result["advantage_abs"] = float(advantage.abs().mean())
         return result
 
-    def anchor_loss(self, rollout: TensorDictBase, rows: slice = slice(None)) -> torch.Tensor | None:
-        """KL to the reference at ``anchor_steps`` random steps *after* the window, scored as if they carried
-        the SDE's noise (they are deterministic, but the weights they run on are shared with the window); over the
-        samples ``rows`` (None when that is none: the steps are drawn all the same, as every learner process must)."""
+    def optimizer_step(self, rollout: TensorDictBase, paired: Paired | None, params: list, grads: GradSum, logs,
+                       slot: int) -> None:
+        """One optimizer step: the terms of the whole step (L_ldm, the anchor KL) join the minibatches' gradients,
+        which are summed over the learners, clipped and applied."""
+        shard = self.shard
+        with torch.set_grad_enabled(shard.rank == 0):  # every learner draws L_ldm's noise; rank 0 backpropagates it
+            ldm = self.ldm_loss(paired)
+        if ldm is not None:
+            if shard.rank == 0:
+                grads.backward(ldm)
+            logs.add(slot, Logs.STEP, "loss_ldm", ldm, None)
+        if self.cfg.anchor_steps and rollout.shape[1] > self.policy.window_end:  # joins this step's gradient
+            steps = self.anchor_draw(rollout)  # drawn by every learner alike
+            b = rollout.shape[0]
+            for piece in shard.pieces([(slot, 0, 0)], b, b, self.cfg.micro_batch):
+                anchor = self.cfg.kl_coef * self.anchor_loss(rollout, piece.rows, steps)
+                grads.backward(weigh(anchor, piece.share))
+                logs.add(slot, Logs.STEP + 1 + piece.index, "loss_anchor", anchor, piece.share)
+        shard.sync(params, grads)
+        logs.add(slot, Logs.STEP, "grad_norm", torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm), None)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def anchor_draw(self, rollout: TensorDictBase) -> torch.Tensor:
+        """``anchor_steps`` random steps *after* the window."""
         end = self.policy.window_end
-        steps = end + torch.randperm(rollout.shape[1] - end)[: self.cfg.anchor_steps]
-        if rows != slice(None) and rows.stop <= rows.start:
-            return None
+        return end + torch.randperm(rollout.shape[1] - end)[: self.cfg.anchor_steps]
+
+    def anchor_loss(self, rollout: TensorDictBase, rows: slice = slice(None), steps: torch.Tensor | None = None):
+        """KL to the reference at the post-window ``steps`` (drawn when not given), scored as if they carried the
+        SDE's noise (they are deterministic, but the weights they run on are shared with the window); over the
+        samples ``rows``."""
+        steps = self.anchor_draw(rollout) if steps is None else steps
         total = 0.0
         for step in steps.tolist():
             latent, sigma, sigma_next, _, layout_index = (rollout[rows, step][k] for k in OBSERVATION_KEYS)

@@ -13,6 +13,7 @@ optimizer, NFT's v_old, a resumed checkpoint) arrives as the driver's learner st
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 
@@ -21,7 +22,7 @@ import diffrl.algos.grpo  # noqa: F401  (registers "grpo")
 import diffrl.algos.ppo  # noqa: F401  (registers "ppo")
 import diffrl.algos.sft_learner  # noqa: F401  (registers "sft")
 import diffrl.envs.layout_env  # noqa: F401  (registers "layout")
-from diffrl.config import TrainConfig, is_forward_learner, rollout_window
+from diffrl.config import TrainConfig, is_forward_learner, micro_batch, rollout_window
 from diffrl.policies.actor import SDEPolicyNet, make_actor
 from diffrl.policies.generator import LayoutGenerator, build_generator
 from diffrl.policies.lora import LoraReference, has_lora
@@ -41,14 +42,15 @@ def frozen_copy(generator: LayoutGenerator) -> LayoutGenerator:
 
 def build_learner(cfg: TrainConfig, generator: LayoutGenerator, store: ConditionStore, env):
     """→ (learner, actor) of ``cfg.algo.name`` on ``generator``: the rollouts' actor (the SDE policy) and the learner
-    with its frozen reference."""
+    with its frozen reference; its ``algo.micro_batch`` resolved (`diffrl.config.micro_batch`)."""
     algo_cls = ALGOS.get(cfg.algo.name)
+    algo = replace(cfg.algo, micro_batch=micro_batch(cfg))  # the same pieces of a minibatch in every learner process
     policy = SDEPolicyNet(generator, store, cfg.policy.noise_level, *rollout_window(cfg))
-    actor = make_actor(policy, env.action_spec, cfg.algo.log_prob_reduce)
+    actor = make_actor(policy, env.action_spec, algo.log_prob_reduce)
     if is_forward_learner(cfg):  # AWM / NFT: the flow-matching loss on final samples, no actor to score
-        return algo_cls(generator, frozen_copy(generator), store, cfg.algo, cfg.forward, env.sigmas), actor
+        return algo_cls(generator, frozen_copy(generator), store, algo, cfg.forward, env.sigmas), actor
     reference = SDEPolicyNet(frozen_copy(generator), store, cfg.policy.noise_level, *rollout_window(cfg))
-    return algo_cls(policy, reference, actor, cfg.algo), actor
+    return algo_cls(policy, reference, actor, algo), actor
 
 
 def learner_replica(cfg: TrainConfig, device: torch.device, initial: dict[str, torch.Tensor]):

@@ -8,23 +8,28 @@ the driver's tasks — update, save a checkpoint, stop — that a small `Mailbox
 forms the process group (``MASTER_ADDR``, ranks, devices) and holds the workers; nothing restarts per iteration.
 One update costs the driver one ``ray.put`` of the rollout and one round trip through the mailbox (~20 ms here).
 
-**Sharding** (`Shard`). Every worker gets the whole iteration (the rollout and its layouts): advantages (PPO's
+**Pieces** (`Whole.pieces`). Every worker gets the whole iteration (the rollout and its layouts): advantages (PPO's
 batch normalisation, GRPO's groups), the minibatch order and every random draw are computed on the whole batch by
 every rank alike, from the driver's RNG state that comes with the task (and goes back with rank 0's answer, so the
-driver's RNG stream is the one process's). Each minibatch of m rows is then cut into N contiguous row ranges; rank r
-runs the forward and backward on its n_r rows only.
+driver's RNG stream is the one process's). Each minibatch of m rows is cut into pieces of ``algo.micro_batch`` rows
+(by default ⌈m / N⌉), and the pieces of an optimizer step are dealt round robin over the ranks; rank r runs the
+forward and backward of its pieces only. One process with the same config runs the same pieces one after another.
 
-**Loss normalisation.** A learner's losses are means over a minibatch's rows. Rank r scales its shard's mean by
-``n_r / m`` (`Shard.weigh`), so its gradient is Σ_{its rows} ∇ℓ / m; the all-reduce *sums* the ranks' gradients
-into Σ_{all rows} ∇ℓ / m, the one-process minibatch mean, whatever the split (uneven, or an empty shard). Terms
-every rank computes in full (the paired ``L_ldm``, which draws its own noise) are weighed 1/N. The gradients are
-summed once per optimizer step, after the epoch's accumulation and before the clip (`Shard.sync`), so
-``clip_grad_norm_`` sees the summed gradient and every rank takes the same step: replicas stay identical.
-Parameters without a gradient on every rank keep none (AdamW skips them, as in one process).
+**Exactly one process's update.** A learner's losses are means over rows; a piece's mean is weighed by its share n/m
+of the minibatch (`weigh`), so the pieces' gradients add up to the minibatch's. They are added in float64
+(`GradSum`; the ranks' sums with one float64 all-reduce in `Shard.sync`, once per optimizer step, before the clip):
+a float64 sum of float32 terms is exact (while their magnitudes span under ~2^29), so its order, and how the pieces
+were spread over ranks, cannot change it. Since every forward also has the same rows on any N, the float32 gradient,
+the clip, the AdamW step and the logs are one process's bit for bit, and the replicas stay identical. (Splitting
+rows without fixing the forwards' shape is not enough: a row's velocity differs in its last bits with the rows it
+runs with, the log-probability's gradient multiplies that by 1/σ², and AdamW's first step is ±lr on every coordinate
+whose gradient is not ~0, so near-zero coordinates flip sign — 1.6e-5 apart at lr 1e-5, measured.) A term every rank
+computes whole (the paired ``L_ldm``, which draws its own noise) is backpropagated by rank 0 only. Parameters
+without a gradient on every rank keep none (AdamW skips them, as in one process).
 
-**Logs.** Each rank records its shard's values with their share n_r/m; `combine_logs` makes the one-process value
-of every minibatch: share-weighted means, the max of ``max_ratio``, ``ESS`` and ``explained_variance`` from
-per-shard sums — then means over minibatches as `diffrl.algos.learner` does.
+**Logs.** Each rank records its pieces' values with their piece index and share; `combine_logs` makes the
+one-process value of every minibatch from the pieces in piece order: share-weighted means, the max of ``max_ratio``,
+``ESS`` and ``explained_variance`` from per-piece sums — then means over minibatches as one process does.
 
 **Weights** go from rank 0 to the driver after each update (trainable tensors only); the driver's generator then
 serves the in-process rollouts, the evaluation, and the rollout workers' sync as before.
@@ -52,7 +57,7 @@ import time
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -63,23 +68,70 @@ from diffrl.errors import UserError
 # ----------------------------------------------------------------------------------------- the shard math
 
 
+class Piece(NamedTuple):
+    """A micro-batch: rows ``rows`` of window step ``step``, part ``index`` of an optimizer step's pieces, logged in
+    the minibatch's ``slot``, weighing ``share`` = its rows / the minibatch's rows."""
+
+    slot: int
+    index: int
+    step: int
+    rows: slice
+    share: float
+
+
+class GradSum:
+    """The gradient of one optimizer step, summed over its backward passes exactly. The first pass's float32 gradient
+    is kept as it is (one pass per step: nothing changes); from the second pass on the sum is float64, which holds a
+    sum of float32 terms exactly (while their magnitudes span under ~2^29), so it does not depend on the terms' order
+    or on how they were split over processes: N learners and one process reach the same float32 gradient."""
+
+    def __init__(self, params: list[Tensor]):
+        self.params = params
+        self.sums: list[Tensor | None] = [None] * len(params)
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                total = self.sums[i]
+                self.sums[i] = p.grad if total is None else total.double() + p.grad
+                p.grad = None
+
+    def take(self) -> list[Tensor | None]:
+        sums, self.sums = self.sums, [None] * len(self.params)
+        return sums
+
+
+def weigh(loss: Tensor, share: float) -> Tensor:
+    """A piece's mean loss weighed by its share of the minibatch (so the pieces' gradients sum to the minibatch's)."""
+    return loss if share == 1.0 else loss * share
+
+
 class Whole:
-    """One process: every row, weight 1, no communication (the update exactly as before ``--learners``)."""
+    """One process: every piece, no communication."""
 
-    rank, world, replicated = 0, 1, 1.0
+    rank, world = 0, 1
 
-    def part(self, start: int, n: int) -> tuple[slice, float]:
-        """(rows of the minibatch ``[start, start + n)`` this process takes, their share of it)."""
-        return slice(start, start + n), 1.0
+    def pieces(self, chunks: list[tuple[int, int, int]], rows: int, minibatch: int, micro: int) -> list[Piece]:
+        """This process's pieces of one optimizer step's minibatches ``chunks`` [(slot, step, first row)], of ``rows``
+        rows in all: each minibatch cut into pieces of ``micro`` rows (0: one piece), the step's pieces dealt round
+        robin over the learners. The pieces, and so every forward's shape, are the same for any number of learners."""
+        every: list[Piece] = []
+        for slot, step, start in chunks:
+            m = min(minibatch, rows - start)
+            size = micro or m
+            for lo in range(0, m, size):
+                n = min(size, m - lo)
+                every.append(Piece(slot, len(every), step, slice(start + lo, start + lo + n), n / m))
+        return every[self.rank :: self.world]
 
-    def weigh(self, loss: Tensor, share: float) -> Tensor:
-        return loss
+    def sync(self, params: list[Tensor], grads: GradSum) -> None:
+        """The step's summed gradients become the parameters' ``grad``."""
+        for p, total in zip(params, grads.take()):
+            p.grad = None if total is None else total.to(p.dtype)
 
-    def sync(self, params: list[Tensor]) -> None:
-        pass
-
-    def logs(self) -> "MeanLogs":
-        return MeanLogs()
+    def logs(self) -> "Logs":
+        return Logs()
 
 
 WHOLE = Whole()
@@ -89,69 +141,58 @@ class Shard(Whole):
     """Rank ``rank`` of ``world`` learner processes (a torch.distributed process group is up)."""
 
     def __init__(self, rank: int, world: int):
-        self.rank, self.world, self.replicated = rank, world, 1.0 / world
+        self.rank, self.world = rank, world
         self.bytes = 0  # gradient bytes this rank all-reduced since the counter was last read
 
-    def part(self, start: int, n: int) -> tuple[slice, float]:
-        lo, hi = self.rank * n // self.world, (self.rank + 1) * n // self.world
-        return slice(start + lo, start + hi), (hi - lo) / n
-
-    def weigh(self, loss: Tensor, share: float) -> Tensor:
-        return loss * share
-
-    def sync(self, params: list[Tensor]) -> None:
-        """Sum the ranks' gradients (one flat all-reduce per dtype, plus one of which parameters have any)."""
+    def sync(self, params: list[Tensor], grads: GradSum) -> None:
+        """Sum the ranks' gradients in float64 (exact, so in any order: one flat all-reduce, plus one of which
+        parameters have any), then cast each back to its parameter's dtype."""
         import torch.distributed as dist
 
+        sums = grads.take()
         device = params[0].device
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+        has = torch.tensor([total is not None for total in sums], dtype=torch.int32, device=device)
         dist.all_reduce(has, op=dist.ReduceOp.MAX)
-        live = [p for p, h in zip(params, has.tolist()) if h]
-        for dtype in dict.fromkeys(p.dtype for p in live):
-            group = [p for p in live if p.dtype == dtype]
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
-            dist.all_reduce(flat)
-            self.bytes += flat.numel() * flat.element_size()
-            offset = 0
-            for p in group:
-                p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-                offset += p.numel()
+        live = [i for i, h in enumerate(has.tolist()) if h]
+        for p in params:
+            p.grad = None
+        if not live:
+            return
+        flat = torch.cat([(sums[i].double() if sums[i] is not None else torch.zeros(params[i].numel(), dtype=torch.float64,
+                                                                                  device=device)).reshape(-1) for i in live])
+        dist.all_reduce(flat)
+        self.bytes += flat.numel() * flat.element_size()
+        offset = 0
+        for i in live:
+            p = params[i]
+            p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
 
     def logs(self) -> "ShardLogs":
         return ShardLogs()
 
 
-class MeanLogs:
-    """One process's logs: every value of a key, averaged at the end."""
+class Logs:
+    """One process's logged values, each with the piece it came from → the logs (`combine_logs`)."""
+
+    STEP = 1 << 30  # the piece index of a value of the whole optimizer step (grad_norm, loss_ldm)
 
     def __init__(self) -> None:
-        self.values: dict[str, list[float]] = defaultdict(list)
+        self.records: list[tuple[int, int, str, Any, float | None]] = []
 
-    def add(self, key: str, value, share: float | None) -> None:
-        self.values[key].append(float(value.detach()) if isinstance(value, Tensor) else float(value))
-
-    def next(self) -> None:
-        """The next minibatch begins."""
-
-    def result(self) -> dict[str, float]:
-        return {key: sum(values) / len(values) for key, values in self.values.items()}
-
-
-class ShardLogs(MeanLogs):
-    """A rank's logs with their shares; `result` gathers every rank's and combines them (a collective)."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[int, str, Any, float | None]] = []
-        self.slot = 0
-
-    def add(self, key: str, value, share: float | None) -> None:
+    def add(self, slot: int, index: int, key: str, value, share: float | None) -> None:
+        """``value`` of ``key`` from piece ``index`` in minibatch ``slot`` (share None: the whole step's value)."""
         if isinstance(value, Tensor):
             value = value.detach().float().reshape(-1).tolist()
             value = value[0] if len(value) == 1 and not key.startswith("stat_") else value
-        self.records.append((self.slot, key, value, share))
+        self.records.append((slot, index, key, value, share))
 
-    def next(self) -> None:
-        self.slot += 1
+    def result(self) -> dict[str, float]:
+        return combine_logs([self.records])
+
+
+class ShardLogs(Logs):
+    """A rank's records; `result` gathers every rank's and combines them (a collective)."""
 
     def result(self) -> dict[str, float]:
         import torch.distributed as dist
@@ -161,38 +202,44 @@ class ShardLogs(MeanLogs):
         return combine_logs(gathered)
 
 
-def combine_logs(ranks: list[list[tuple[int, str, Any, float | None]]]) -> dict[str, float]:
-    """Every rank's (minibatch slot, key, value, share) records → the one-process logs (see the module docstring).
+def combine_logs(ranks: list[list[tuple[int, int, str, Any, float | None]]]) -> dict[str, float]:
+    """Every rank's (minibatch slot, piece index, key, value, share) records → the one-process logs: per minibatch
+    the pieces' values in piece order (so the same on any number of learners), then the mean over minibatches.
 
-    share None: a value every rank computed alike (rank 0's is taken). ``stat_ev``: [mean, variance] of the critic's
-    targets t and of its residuals e over the shard, for ``explained_variance``."""
-    entries: dict[tuple[int, str], list[tuple[Any, float | None]]] = defaultdict(list)
+    One piece, or share None (a value of the whole step, alike on every rank): its value. Else share-weighted means,
+    the max of ``max_ratio``, ``ESS`` and ``explained_variance`` from per-piece sums; ``stat_ev``: [mean, variance] of
+    the critic's targets t and of its residuals e over the piece, for ``explained_variance``."""
+    entries: dict[tuple[int, str], list[tuple[int, Any, float | None]]] = defaultdict(list)
     keys: dict[str, None] = {}
     for records in ranks:
-        for slot, key, value, share in records:
-            entries[(slot, key)].append((value, share))
+        for slot, index, key, value, share in records:
+            entries[(slot, key)].append((index, value, share))
             keys.setdefault(key, None)
     merged: dict[str, list[float]] = defaultdict(list)
     for (slot, key), got in sorted(entries.items(), key=lambda item: item[0][0]):
-        if key.startswith("stat_"):
-            continue
-        if any(share is None for _, share in got):
-            value = got[0][0]
-        elif key == "max_ratio":
-            value = max(v for v, _ in got)
-        elif key == "ESS":  # ESS/n = (Σw)²/Σw²/n, with Σw = n_r·mean_ratio_r and Σw² = n_r·mean_ratio_r²/ESS_r per rank
-            ratios = [v for v, _ in entries[(slot, "mean_ratio")]]
-            sum_w = sum(s * r for (_, s), r in zip(got, ratios))
-            sum_w2 = sum(s * r * r / v for (v, s), r in zip(got, ratios))
-            value = sum_w * sum_w / sum_w2
-        elif key == "explained_variance":  # torchrl's 1 − var(t − v)/(var(t) + eps), from the shards' means and variances
-            parts = entries[(slot, "stat_ev")]
-            var_t, var_e = (_pooled_variance([(m[i], m[i + 1], s) for m, s in parts]) for i in (0, 2))
-            value = 1.0 - var_e / (var_t + torch.finfo(torch.float32).eps)
-        else:
-            value = sum(v * s for v, s in got)
-        merged[key].append(value)
+        if not key.startswith("stat_"):
+            got = [(value, share) for _, value, share in sorted(got, key=lambda entry: entry[0])]
+            merged[key].append(_combined(key, got, sorted(entries.get((slot, "mean_ratio"), [])),
+                                         sorted(entries.get((slot, "stat_ev"), []))))
     return {key: sum(merged[key]) / len(merged[key]) for key in keys if key in merged}
+
+
+def _combined(key: str, got: list[tuple[Any, float | None]], ratios: list, moments: list) -> float:
+    """One minibatch's value of ``key`` from its pieces' (value, share)."""
+    if len(got) == 1 or any(share is None for _, share in got):
+        return got[0][0]
+    if key == "max_ratio":
+        return max(v for v, _ in got)
+    if key == "ESS":  # ESS/n = (Σw)²/Σw²/n, with Σw = n_r·mean_ratio_r and Σw² = n_r·mean_ratio_r²/ESS_r per piece
+        means = [v for _, v, _ in ratios]
+        sum_w = sum(s * r for (_, s), r in zip(got, means))
+        sum_w2 = sum(s * r * r / v for (v, s), r in zip(got, means))
+        return sum_w * sum_w / sum_w2
+    if key == "explained_variance":  # torchrl's 1 − var(t − v)/(var(t) + eps), from the pieces' means and variances
+        parts = [(m, s) for _, m, s in moments]
+        var_t, var_e = (_pooled_variance([(m[i], m[i + 1], s) for m, s in parts]) for i in (0, 2))
+        return 1.0 - var_e / (var_t + torch.finfo(torch.float32).eps)
+    return sum(v * s for v, s in got)
 
 
 def _pooled_variance(parts: list[tuple[float, float, float]]) -> float:
