@@ -8,13 +8,13 @@ warm-up update, which for N ≥ 2 also hands the state to the learners), from th
 
 - 1: the learner's own ``update`` in this process, on ``--learner-cpus`` torch threads (what ``--learners 1`` runs);
 - N ≥ 2: `diffrl.distributed.learners.LearnerGroup` as the trainer uses it — the rollout into the object store, one
-  task through the mailbox, N gloo processes of ``--learner-cpus`` CPUs each on their rows, the gradients summed, the
-  trainable weights back from rank 0. The group's start (Ray Train's worker group, each replica built) is its own
-  column, paid once per run.
+  task through the mailbox, N gloo processes of ``--learner-cpus`` CPUs each on their pieces of every minibatch (by
+  default ⌈m / N⌉ rows each), the gradients summed in float64, the trainable weights back from rank 0. The group's
+  start (Ray Train's worker group, each replica built) is its own column, paid once per run.
 
-Bytes per update: the gradients one learner all-reduces (``allreduce_bytes``: trainable bytes × optimizer steps),
-the rollout put into the object store, and the weights rank 0 sends back. Printed as a table and, with ``--out``,
-written as JSON.
+Bytes per update: the gradients one learner all-reduces (``allreduce_bytes``: trainable parameters × 8 bytes, float64,
+× optimizer steps), the rollout put into the object store, and the weights rank 0 sends back. Printed as a table and,
+with ``--out``, written as JSON.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from diffrl.algos.replica import learner_replica
+from diffrl.algos.replica import build_learner, learner_replica
 from diffrl.config import build_config
 from diffrl.distributed.ray_workers import trainable_weights
 from diffrl.envs.datasets import ShapesLayouts
@@ -39,13 +39,13 @@ from diffrl.rewards import ShapesReward
 
 def rollout_of(cfg):
     """One iteration's rollout [B, T], its layouts and conditioning, and the initial trainable weights."""
-    learner, generator, store = learner_replica(cfg, torch.device("cpu"), {})
+    _, generator, store = learner_replica(cfg, torch.device("cpu"), {})
     env = LayoutEnv(generator, ShapesReward(), ShapesLayouts(seed=0), store, layouts_per_reset=cfg.env.layouts_per_iter,
                     group_size=cfg.env.group_size, num_steps=cfg.env.num_steps)
-    actor = learner.loss.actor_network if hasattr(learner, "loss") else None
+    _, actor = build_learner(cfg, generator, store, env)  # the trainer's rollout actor (an ODE one for AWM / NFT)
     with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
         rollout = env.rollout(cfg.env.num_steps, actor, auto_reset=True)
-    return rollout, store, trainable_weights(generator)
+    return rollout, store, {name: value.clone() for name, value in trainable_weights(generator).items()}
 
 
 def time_updates(cfg, rollout, store, initial, updates: int) -> dict:
