@@ -73,6 +73,14 @@ def test_pieces_and_their_float64_sum_do_not_depend_on_the_learner_count():
     assert not torch.equal(((terms[0] + terms[1]) + terms[2]) + terms[3], (terms[0] + terms[2]) + (terms[1] + terms[3]))
 
 
+def test_a_collective_that_lost_its_peer_counts_as_a_dead_learner():
+    from diffrl.distributed.learners import _peer_lost
+
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                        "[127.0.0.1]:23764: Connection reset by peer. This is typically caused by a remote worker hanging")
+    assert _peer_lost(gloo) and not _peer_lost(ValueError("a bug")) and not _peer_lost(torch.OutOfMemoryError("oom"))
+
+
 def test_fsdp_is_one_line_until_it_exists(tmp_path):
     from diffrl.distributed.learners import LearnerGroup
 

@@ -44,7 +44,9 @@ order, rollout RNG, the metrics already written). So the group runs with ``max_f
 dies ends ``fit()``, the driver's wait raises `LearnersLost`, and `restarting` runs the whole run again with
 ``--resume`` semantics (``ray.max_restarts`` times), from the last checkpoint: the redone iterations are those
 since it (with ``checkpoint_every=1``, only the one in flight), and the metrics come out as if nothing happened.
-A Python error inside a learner (a bug, a GPU out of memory) is answered to the driver and raised there as itself.
+A learner killed in the middle of a collective makes its peers' collective fail first (gloo: "Connection reset by
+peer"); that answer counts as a dead learner too (`_peer_lost`). Any other Python error inside a learner (a bug, a GPU
+out of memory) is answered to the driver and raised there as itself.
 
 Ray is imported inside functions only; importing this module starts nothing.
 """
@@ -516,6 +518,8 @@ class LearnerGroup:
         answers = ray.get(pending)
         for answer in answers.values():
             if "error" in answer:
+                if _peer_lost(answer["error"]):  # a learner died mid-collective: its peers' collective failed first
+                    raise LearnersLost(f"a learner lost its peers: {_first_line(answer['error'])}")
                 raise answer["error"]
         return [answers[rank] for rank in sorted(answers)]
 
@@ -579,6 +583,18 @@ def _absolute_paths(cfg):
     name = str(Path(model.name).resolve()) if Path(model.name).exists() else model.name
     adapter = str(Path(model.adapter).resolve()) if model.adapter else ""
     return replace(cfg, model=replace(model, name=name, adapter=adapter))
+
+
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
+             "NCCL communicator was aborted", "remote process exited")  # what gloo / NCCL say when a peer has died
+
+
+def _peer_lost(err: BaseException) -> bool:
+    """Did this learner's error come from a collective whose peer process died (rather than from a bug or an OOM,
+    which are raised as themselves)?"""
+    import torch.distributed as dist
+
+    return isinstance(err, dist.DistNetworkError) or any(text in str(err) for text in PEER_LOST)
 
 
 def _first_line(err: BaseException | None) -> str:
