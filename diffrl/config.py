@@ -384,6 +384,8 @@ def _check_env(e: EnvConfig) -> None:
 
 def _check_algo(cfg: TrainConfig) -> None:
     """The learner's weights, and what it needs of the env and the data."""
+    from diffrl.envs.datasets import shapes_world
+
     if is_forward_learner(cfg) and (cfg.algo.ldm_coef or cfg.algo.dis_coef):
         raise UserError(f"config algo.ldm_coef / algo.dis_coef: --algo {cfg.algo.name} has no joint loss; use ppo or grpo")
     if cfg.algo.name in ("grpo", *FORWARD_LEARNERS) and cfg.env.group_size < 2:
@@ -392,8 +394,9 @@ def _check_algo(cfg: TrainConfig) -> None:
         raise UserError(f"config algo.ldm_coef: must be ≥ 0, got {cfg.algo.ldm_coef}")
     if cfg.algo.dis_coef < 0:
         raise UserError(f"config algo.dis_coef: must be ≥ 0, got {cfg.algo.dis_coef}")
-    if uses_paired_data(cfg) and cfg.env.data != "shapes":
-        raise UserError("config algo.ldm_coef / --algo sft need paired images; only --data shapes renders them so far")
+    if uses_paired_data(cfg) and cfg.env.data and shapes_world(cfg.env.data) is None:  # '': the model's Shapes world
+        raise UserError("config algo.ldm_coef / --algo sft need paired images; only the Shapes worlds (--data shapes, "
+                        "shapes-loose) render them so far")
 
 
 def _check_forward(f: ForwardConfig) -> None:

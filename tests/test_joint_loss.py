@@ -78,3 +78,23 @@ def test_sft_runs_through_the_cli_and_needs_paired_data(tmp_path, saved_generato
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "need paired images" in err[0], err
     assert not (tmp_path / "x").exists()
+
+
+def test_sft_trains_in_its_models_loose_world_and_its_export_keeps_the_world(tmp_path, saved_generator):
+    """With no --data, a model pre-trained in the loose world (its pretrain.json) trains SFT on that world's paired
+    renders, and `diffrl export` carries the record, so the exported folder's default data is the same world."""
+    import shutil
+
+    from diffrl.envs.datasets import model_data
+
+    model = tmp_path / "loose-model"
+    shutil.copytree(saved_generator, model)
+    (model / "pretrain.json").write_text(json.dumps({"config": {"world": "loose"}, "log": []}) + "\n")
+    run = tmp_path / "sft"
+    assert main(["train", "--model", str(model), "--algo", "sft", "--iterations", "1", "--out", str(run), "--quiet",
+                 "env.layouts_per_iter=2", "env.num_steps=3", "eval.layouts=5", "eval.grid=2"]) == 0
+    assert "data: shapes-loose" in (run / "config.yaml").read_text()
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss_ldm"] > 0
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert model_data(str(out)) == "shapes-loose" and model_data(str(saved_generator)) == "shapes"

@@ -13,6 +13,7 @@ generator folder instead (``--model DIR`` loads it), or for a diffusers model it
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -72,6 +73,9 @@ def export_run(run: str | Path, out: str | Path) -> list[Path]:
     elif kind == CLASS_NAME:
         generator.save_pretrained(out)
         written.append(out / "model_index.json")
+        if (record := resolve_model(cfg.model.name) / "pretrain.json").is_file():  # its world: env.data='' reads it
+            shutil.copyfile(record, out / "pretrain.json")
+            written.append(out / "pretrain.json")
     else:
         name = "transformer" if kind in (SD3_CLASS, FLUX_CLASS) else "unet"
         backbone_of(denoiser).save_pretrained(out / name)
