@@ -70,7 +70,10 @@ def test_the_sd35_recipe_runs_with_tiny_stand_ins_for_the_weights(tmp_path, tiny
               "model.lora_rank=4 --iterations 1 --quiet")
     shims = f"""
 pip() {{ echo "skipped: pip $*"; }}
-hf() {{ mkdir -p "$(dirname "$4")"; case "$2" in stabilityai/*) cp -r {sd3} "$4";; IDEA-Research/*) cp -r {tiny_gdino} "$4";; *) return 1;; esac; }}
+hf() {{
+  mkdir -p "$(dirname "$4")"
+  case "$2" in stabilityai/*) cp -r {sd3} "$4";; IDEA-Research/*) cp -r {tiny_gdino} "$4";; *) return 1;; esac
+}}
 diffrl() {{
   local args=() skip=0
   for a in "$@"; do

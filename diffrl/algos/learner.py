@@ -45,14 +45,21 @@ class RefKLClipPPOLoss(ClipPPOLoss):
         self.log_prob_reduce = log_prob_reduce
         self._dist = None
 
-    def _get_cur_log_prob(self, tensordict, params=None):
-        log_prob, dist, is_composite = super()._get_cur_log_prob(tensordict, params)
-        self._dist = dist  # kept for the KL term: the current mean and std at these states
-        return log_prob, dist, is_composite
+    def _get_cur_log_prob(self, tensordict, *args, **kwargs):
+        # TorchRL's private hook, overridden to keep the current distribution for the KL term (its mean and std at
+        # these states) without a second forward pass. Its arguments changed between releases (0.14 passes
+        # ``params``, its main branch does not), so whatever it is given passes through, and the distribution is
+        # found among what it returns by type, not by position.
+        result = super()._get_cur_log_prob(tensordict, *args, **kwargs)
+        self._dist = next(x for x in result if isinstance(x, torch.distributions.Distribution))
+        return result
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         out = super().forward(tensordict)
         dist, self._dist = self._dist, None
+        if dist is None:
+            raise RuntimeError("TorchRL's ClipPPOLoss no longer calls _get_cur_log_prob; the KL term needs the current "
+                               "distribution (diffrl.algos.learner.RefKLClipPPOLoss)")
         (reference,) = self._reference
         with torch.no_grad():
             ref_mean, _ = reference(*(tensordict[k] for k in OBSERVATION_KEYS))
