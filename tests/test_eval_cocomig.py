@@ -16,11 +16,11 @@ import yaml
 from diffrl.boxes import nms
 from diffrl.cli import main
 from diffrl.errors import UserError
-from diffrl.eval.cocomig import (HSV_RANGES, CocoMigJudge, SamSegmenter, Verdicts, box_masks, cocomig_metrics,
-                                 color_fraction, hsv_opencv, parse_layouts, split_phrase, to_uint8)
+from diffrl.eval.cocomig import (HSV_RANGES, CocoMigJudge, SamSegmenter, Verdicts, box_masks, cocomig_grounder,
+                                 cocomig_metrics, color_fraction, hsv_opencv, parse_layouts, split_phrase, to_uint8)
 from diffrl.eval.readers import read_layouts
 from diffrl.layout import Layout, LayoutError, write_jsonl
-from diffrl.rewards.grounder import Grounder, Grounding
+from diffrl.rewards.grounder import Grounder, Grounding, phrase_detections
 from diffrl.shapes.world import COLORS, render
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,6 +74,24 @@ def test_brown_and_partly_filled_regions():
     assert color_fraction(hsv_opencv(to_uint8(circle)), region, "red") == pytest.approx(0.785, abs=0.02)
     assert color_fraction(hsv_opencv(to_uint8(triangle)), region, "red") == pytest.approx(0.5, abs=0.03)
     assert color_fraction(hsv_opencv(to_uint8(circle)), torch.zeros(32, 32, dtype=torch.bool), "red") == 0.0
+
+
+def test_the_grounder_ranks_and_keeps_boxes_as_groundingdinos_predict(tiny_gdino):
+    """eval_mig.py's NMS ranks by groundingdino's confidence, the best probability over all tokens, and its boxes
+    are as predicted, not clipped: ``score="box"``, ``clip=False``."""
+    owner = torch.tensor([-1, 0, -1, -1])  # [CLS] car . [SEP]
+    probs = torch.full((2, 4), 0.01)
+    probs[0, 1], probs[0, 2] = 0.5, 0.8  # the dot scores above the noun: confidence 0.8 by box, 0.5 by phrase
+    probs[1, 1] = 0.6
+    boxes = torch.tensor([[0.1, 0.5, 0.4, 0.2], [0.5, 0.5, 0.2, 0.2]])  # the first runs past the left edge: x0 = −0.1
+    ours = phrase_detections(torch.logit(probs), boxes, owner, ["car"], 0.25, 0.0, score="box", clip=False)["car"]
+    torch.testing.assert_close(ours.scores, torch.tensor([0.8, 0.6]))
+    torch.testing.assert_close(ours.boxes, torch.tensor([[-0.1, 0.4, 0.3, 0.6], [0.4, 0.4, 0.6, 0.6]]))
+    default = phrase_detections(torch.logit(probs), boxes, owner, ["car"], 0.25, 0.0)["car"]
+    torch.testing.assert_close(default.scores, torch.tensor([0.5, 0.6]))
+    assert default.boxes[0, 0] == 0.0
+    grounder = cocomig_grounder(str(tiny_gdino))
+    assert (grounder.score, grounder.clip, grounder.box_threshold, grounder.text_threshold) == ("box", False, 0.25, 0.0)
 
 
 # ------------------------------------------------------------------------------------- NMS and nouns

@@ -5,7 +5,8 @@ functions ``check_on_image`` and ``check_on_color_cv``), the COCO-MIG repository
 (limuloo/MIGC) points to. Per instance, whose phrase is ``"[a|an|the] <colour> <noun>"``:
 
 1. Ground the noun alone (``"car"``, not ``"a red car"``) in the image with box threshold 0.25, then
-   class-agnostic non-maximum suppression at IoU 0.8 over the boxes found.
+   class-agnostic non-maximum suppression at IoU 0.8 over the boxes found, ranked by each box's best token
+   probability (groundingdino's ``predict`` confidence).
 2. The detection with the best IoU against the target box is the instance's. Nothing found: *missed*;
    best IoU < 0.5: *wrong box*.
 3. Otherwise check the colour inside the object. Its mask is SAM's, prompted with the target box (of SAM's
@@ -27,9 +28,7 @@ What changed from eval_mig.py:
 - Text threshold: eval_mig.py passes 0.25, but groundingdino's ``predict`` uses it only to pick the words of
   each box's label and never drops a box. Our grounder drops a box whose phrase score is under its text
   threshold, so the judge grounds with text threshold 0 (`TEXT_THRESHOLD`), which keeps the same boxes.
-  NMS ranks boxes by the noun's best token score instead of the best score over all tokens of the query.
-- Images are judged at their own size (eval_mig.py resizes them to 512×512 first), and detected boxes are
-  clipped to the image by the grounder (eval_mig.py leaves them as predicted).
+- Images are judged at their own size (eval_mig.py resizes them to 512×512 first).
 - Instances sharing a noun in one image share one query (eval_mig.py repeats the same query per instance).
   As there, instances are judged independently: two may claim the same detection.
 """
@@ -271,13 +270,14 @@ class CocoMigJudge:
 
 
 def cocomig_grounder(model: str | None = None, device: str | torch.device | None = None) -> Grounder:
-    """Grounding DINO (default IDEA-Research/grounding-dino-tiny) with the protocol's thresholds."""
+    """Grounding DINO (default IDEA-Research/grounding-dino-tiny) with the protocol's thresholds, ranking its boxes
+    by their box score and leaving them unclipped, as groundingdino's ``predict`` gives them to eval_mig.py."""
     from diffrl.rewards.grounder import GroundingDinoGrounder
 
     if model == "shapes":
         raise UserError("the cocomig judge grounds nouns with Grounding DINO; the Shapes detector needs whole "
                         "'<color> <shape>' phrases: pass a Grounding DINO folder as --reward-model, or use --judge reward")
-    return GroundingDinoGrounder(model or GROUNDING_DINO, device, BOX_THRESHOLD, TEXT_THRESHOLD)
+    return GroundingDinoGrounder(model or GROUNDING_DINO, device, BOX_THRESHOLD, TEXT_THRESHOLD, score="box", clip=False)
 
 
 def load_sam(model: str):
