@@ -17,7 +17,8 @@ from diffrl.boxes import nms
 from diffrl.cli import main
 from diffrl.errors import UserError
 from diffrl.eval.cocomig import (HSV_RANGES, CocoMigJudge, SamSegmenter, Verdicts, box_masks, cocomig_grounder,
-                                 cocomig_metrics, color_fraction, hsv_opencv, parse_layouts, split_phrase, to_uint8)
+                                 cocomig_metrics, color_fraction, hsv_opencv, parse_layouts, resize_like_eval_mig,
+                                 split_phrase, to_uint8)
 from diffrl.eval.readers import read_layouts
 from diffrl.layout import Layout, LayoutError, write_jsonl
 from diffrl.rewards.grounder import Grounder, Grounding, phrase_detections
@@ -74,6 +75,34 @@ def test_brown_and_partly_filled_regions():
     assert color_fraction(hsv_opencv(to_uint8(circle)), region, "red") == pytest.approx(0.785, abs=0.02)
     assert color_fraction(hsv_opencv(to_uint8(triangle)), region, "red") == pytest.approx(0.5, abs=0.03)
     assert color_fraction(hsv_opencv(to_uint8(circle)), torch.zeros(32, 32, dtype=torch.bool), "red") == 0.0
+
+
+def test_images_are_resized_to_512_as_cv2_does():
+    # Halving is the 2×2 mean, rounded half up (OpenCV: (a + b + c + d + 2) >> 2): 102/4 = 25.5 → 26, 170/4 → 43.
+    levels = torch.tensor([[10, 20, 30, 40], [30, 42, 50, 50], [0, 0, 255, 255], [0, 1, 255, 255]], dtype=torch.float)
+    half = resize_like_eval_mig(levels.div(255).expand(1, 3, 4, 4), 2)
+    assert half.mul(255).round()[0, 0].tolist() == [[26, 43], [0, 255]]
+    # Doubling samples at (x + 0.5)/2 − 0.5 (edges clamped): 0, ¼, ¾, 1 of the way from 0 to 100.
+    double = resize_like_eval_mig(torch.tensor([[0.0, 100.0]]).div(255).expand(1, 3, 1, 2), 4)
+    assert double.mul(255).round()[0, 0].tolist() == [[0, 25, 75, 100]] * 4
+    already = torch.rand(1, 3, 4, 4)
+    assert resize_like_eval_mig(already, 4) is already and resize_like_eval_mig(already, None) is already
+    # the judge resizes by default: the grounder, SAM and the colour check all see 512 × 512
+    seen = []
+
+    class Recorder(Grounder):
+        def __call__(self, images, phrases):
+            seen.append(tuple(images.shape[-2:]))
+            return [{p[0]: Grounding(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([0.9]))} for p in phrases]
+
+    def sam(image, boxes):
+        seen.append(tuple(image.shape[-2:]))
+        return torch.ones(len(boxes), *image.shape[-2:], dtype=torch.bool)
+
+    image = torch.zeros(1, 3, 64, 96)
+    image[0, 2] = 0.9  # blue
+    v = CocoMigJudge(Recorder(), sam=sam)(image, [Layout("p", ["a blue cup"], [(0.0, 0.0, 1.0, 1.0)])])
+    assert seen == [(512, 512), (512, 512)] and v.labels() == [["ok"]] and v.color_fraction.item() == 1.0
 
 
 def test_the_grounder_ranks_and_keeps_boxes_as_groundingdinos_predict(tiny_gdino):
@@ -159,7 +188,7 @@ def test_judge_by_hand():
         (1, "circle"): [((0, 0, 0.5, 0.5), 0.8)],  # IoU 1, but the circle is blue, not green → wrong colour
         (1, "square"): [((0, 0.5, 0.5, 0.8), 0.7)],  # white square: IoU 0.15/0.25 = 0.6, white inside → ok
     })  # (1, "triangle"): nothing → missed
-    v = CocoMigJudge(grounder, batch_size=3)(images, asked)
+    v = CocoMigJudge(grounder, batch_size=3, size=None)(images, asked)  # judged at 32 px, not resized to 512
     # one noun per query, each (image, noun) once, in batches of 3
     assert grounder.calls == [[["square"], ["circle"], ["triangle"]], [["square"]]]
     assert v.labels() == [["ok", "wrong box"], ["wrong colour", "missed", "ok"]]
@@ -172,7 +201,8 @@ def test_judge_by_hand():
     assert m["per_level"]["L2"] == pytest.approx({"isr": 0.5, "miou": 0.6, "instances": 2})
     assert m["per_level"]["L3"] == pytest.approx({"isr": 1 / 3, "miou": 0.2, "instances": 3})
     assert m["verdicts"] == {"ok": 2, "missed": 1, "wrong box": 1, "wrong colour": 1}  # the labels above, counted
-    both = Verdicts.cat([CocoMigJudge(grounder)(images[:1], asked[:1]), CocoMigJudge(grounder)(images[1:], asked[1:])])
+    both = Verdicts.cat([CocoMigJudge(grounder, size=None)(images[:1], asked[:1]),
+                        CocoMigJudge(grounder, size=None)(images[1:], asked[1:])])
     assert cocomig_metrics(both, asked) == m  # batch by batch, then padded and joined: the same
 
 
@@ -183,7 +213,7 @@ def test_the_colour_bar_is_20_percent_of_the_region():
     images[1, :, 0, :19] = torch.tensor([0.9, 0.1, 0.1]).view(3, 1)  # 19 → 0.19 fails
     layouts = [Layout("p", ["a red bar"], [box])] * 2
     grounder = StubGrounder(images, {(0, "bar"): [(box, 0.5)], (1, "bar"): [(box, 0.5)]})
-    v = CocoMigJudge(grounder)(images, layouts)
+    v = CocoMigJudge(grounder, size=None)(images, layouts)  # at 20 px: whole pixels, by hand
     torch.testing.assert_close(v.color_fraction, torch.tensor([[0.20], [0.19]]))
     assert v.labels() == [["ok"], ["wrong colour"]]
 
@@ -203,8 +233,8 @@ def test_sam_masks_replace_the_detected_box_and_are_prompted_with_the_target():
         masks[:, 0] = True
         return masks
 
-    by_box = CocoMigJudge(grounder)(image, layouts)
-    by_sam = CocoMigJudge(grounder, sam=sam)(image, layouts)
+    by_box = CocoMigJudge(grounder, size=None)(image, layouts)
+    by_sam = CocoMigJudge(grounder, sam=sam, size=None)(image, layouts)
     assert by_box.color_fraction.item() == pytest.approx(10 / 90) and by_box.labels() == [["wrong colour"]]
     assert by_sam.color_fraction.item() == 1.0 and by_sam.labels() == [["ok"]]
     assert prompts == [[list(target)]]

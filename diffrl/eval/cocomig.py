@@ -4,6 +4,8 @@ The protocol is the benchmark's own evaluation script, ``eval_mig.py`` of LeyRio
 functions ``check_on_image`` and ``check_on_color_cv``), the COCO-MIG repository that MIGC's README
 (limuloo/MIGC) points to. Per instance, whose phrase is ``"[a|an|the] <colour> <noun>"``:
 
+0. The image is resized to 512×512 first (`IMAGE_SIZE`), bilinearly as ``cv2.resize`` does; every step below
+   sees that image.
 1. Ground the noun alone (``"car"``, not ``"a red car"``) in the image with box threshold 0.25, then
    class-agnostic non-maximum suppression at IoU 0.8 over the boxes found, ranked by each box's best token
    probability (groundingdino's ``predict`` confidence).
@@ -28,7 +30,10 @@ What changed from eval_mig.py:
 - Text threshold: eval_mig.py passes 0.25, but groundingdino's ``predict`` uses it only to pick the words of
   each box's label and never drops a box. Our grounder drops a box whose phrase score is under its text
   threshold, so the judge grounds with text threshold 0 (`TEXT_THRESHOLD`), which keeps the same boxes.
-- Images are judged at their own size (eval_mig.py resizes them to 512×512 first).
+- The resize to 512 (`resize_like_eval_mig`) computes in floating point: OpenCV's exact result when halving
+  (1024 → 512), within one 8-bit level of its fixed-point bilinear otherwise. It applies to any image that is
+  not 512×512 (eval_mig.py resizes when the height is not 512, and fails further on for a 512-high image of
+  another width).
 - Instances sharing a noun in one image share one query (eval_mig.py repeats the same query per instance).
   As there, instances are judged independently: two may claim the same detection.
 """
@@ -53,6 +58,7 @@ TEXT_THRESHOLD = 0.0  # drops no box, like eval_mig.py's text_t = 0.25 inside gr
 NMS_IOU = 0.8  # eval_mig.py's NMS_THRESHOLD
 IOU_THRESHOLD = 0.5  # eval_mig.py's miou_threshold
 COLOR_FRACTION = 0.2  # eval_mig.py: the colour fails when under 20% of the mask is in its range
+IMAGE_SIZE = 512  # eval_mig.py: cv2.resize(image, dsize=(512, 512)) before judging
 SAM_MODEL = "facebook/sam-vit-huge"  # the benchmark's SAM: ViT-H (sam_vit_h_4b8939.pth)
 ARTICLES = ("a", "an", "the")
 VERDICTS = ("ok", "wrong box", "wrong colour", "missed")
@@ -119,6 +125,20 @@ def hsv_opencv(rgb: Tensor) -> Tensor:
 def to_uint8(image: Tensor) -> Tensor:
     """[3, H, W] in [0, 1] → [H, W, 3] uint8 on the CPU (rounded, as a saved PNG holds it)."""
     return image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu()
+
+
+def resize_like_eval_mig(images: Tensor, size: int | None = IMAGE_SIZE) -> Tensor:
+    """images [B, 3, H, W] in [0, 1] → [B, 3, size, size]: taken to 8-bit levels, resized bilinearly with
+    cv2.resize's geometry (pixel centres aligned, no antialiasing: ``cv2.INTER_LINEAR``) and rounded half up
+    back to 8-bit levels, as eval_mig.py resizes what it reads. Exactly OpenCV's result when halving (1024 →
+    512, which OpenCV runs as the 2×2 mean); otherwise within one level of its fixed-point arithmetic.
+    Unchanged when already size × size or ``size`` is None."""
+    if size is None or tuple(images.shape[-2:]) == (size, size):
+        return images
+    levels = images.detach().float().clamp(0, 1).mul(255).round()
+    resized = torch.nn.functional.interpolate(levels, size=(size, size), mode="bilinear", align_corners=False,
+                                              antialias=False)
+    return resized.add(0.5).floor().clamp(0, 255).div(255)  # rounded half up, as OpenCV's fixed point
 
 
 def in_color(hsv: Tensor, color: str) -> Tensor:
@@ -207,14 +227,17 @@ class CocoMigJudge:
 
     ``grounder``: queried with one noun per image entry (`cocomig_grounder` builds Grounding DINO with the
     protocol's thresholds); ``sam``: a `Segmenter` (e.g. `SamSegmenter`) prompted with the target boxes, or
-    None to use the detected boxes as masks; ``batch_size``: (image, noun) queries per grounder call. A call's
-    ``progress`` shows a bar over those grounder calls.
+    None to use the detected boxes as masks; ``batch_size``: (image, noun) queries per grounder call; ``size``:
+    the side images are resized to before judging (`resize_like_eval_mig`; None: judged at their own size). A
+    call's ``progress`` shows a bar over those grounder calls.
     """
 
-    def __init__(self, grounder: Grounder, sam: Segmenter | None = None, batch_size: int = 16):
+    def __init__(self, grounder: Grounder, sam: Segmenter | None = None, batch_size: int = 16,
+                 size: int | None = IMAGE_SIZE):
         self.grounder = grounder
         self.sam = sam
         self.batch_size = batch_size
+        self.size = size
 
     @staticmethod
     def check(layouts: Sequence[Layout]) -> None:
@@ -226,6 +249,7 @@ class CocoMigJudge:
         if images.ndim != 4 or images.shape[0] != len(layouts):
             raise ValueError(f"got images of shape {tuple(images.shape)} for {len(layouts)} layouts")
         parsed = parse_layouts(layouts)
+        images = resize_like_eval_mig(images, self.size)
         found = self.ground(images, parsed, progress)
         v = Verdicts.empty(len(layouts), max(layout.n for layout in layouts))
         for i, (layout, instances) in enumerate(zip(layouts, parsed)):
@@ -238,18 +262,23 @@ class CocoMigJudge:
                     best = int(ious.argmax())
                     v.iou[i, k], v.boxes[i, k], v.found[i, k] = ious[best], detections.boxes[best], True
             v.box_ok[i] = v.found[i] & (v.iou[i] >= IOU_THRESHOLD)
-            checked = v.box_ok[i].nonzero().flatten().tolist()
-            if not checked:
-                continue
-            if self.sam is not None:
-                masks = self.sam(images[i], targets[checked]).cpu()  # [n, H, W], prompted with the target boxes
-            else:
-                masks = box_masks(v.boxes[i, checked], images.shape[-2], images.shape[-1])
-            hsv = hsv_opencv(to_uint8(images[i]))  # [H, W, 3]
-            for k, mask in zip(checked, masks):
-                v.color_fraction[i, k] = color_fraction(hsv, mask, instances[k][0])
-            v.color_ok[i] = v.box_ok[i] & (v.color_fraction[i] >= COLOR_FRACTION)
+            self.check_colours(images[i], targets, [color for color, _ in instances], v, i)
         return v
+
+    def check_colours(self, image: Tensor, targets: Tensor, colors: Sequence[str], v: Verdicts, i: int) -> None:
+        """Image ``i``'s colour checks, filled into ``v``, for its instances whose box is right: the share of the
+        object's pixels (SAM's mask from the target box, else the detected box) in its colour's range."""
+        checked = v.box_ok[i].nonzero().flatten().tolist()
+        if not checked:
+            return
+        if self.sam is not None:
+            masks = self.sam(image, targets[checked]).cpu()  # [n, H, W], prompted with the target boxes
+        else:
+            masks = box_masks(v.boxes[i, checked], image.shape[-2], image.shape[-1])
+        hsv = hsv_opencv(to_uint8(image))  # [H, W, 3]
+        for k, mask in zip(checked, masks):
+            v.color_fraction[i, k] = color_fraction(hsv, mask, colors[k])
+        v.color_ok[i] = v.box_ok[i] & (v.color_fraction[i] >= COLOR_FRACTION)
 
     def ground(self, images: Tensor, parsed: Sequence[Sequence[tuple[str, str]]],
                progress: bool = False) -> dict[tuple[int, str], Grounding]:
