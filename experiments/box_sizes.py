@@ -1,6 +1,6 @@
 """Which instances does a run fix: ISR by box size and by asked-for shape, base against each run's final weights.
 
-    python benchmarks/box_sizes.py RUN [RUN ...] [--threads 2]
+    python experiments/box_sizes.py RUN [RUN ...] [--threads 2]
 
 COCO reports AP by object size; this reports the Shapes world's per-instance success the same way. Each RUN is a
 `diffrl train` folder on the Shapes world; all must share their held-out set (``eval.*``) and model. The base row is

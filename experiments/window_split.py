@@ -1,6 +1,6 @@
 """Where did a run's update help, and where did it hurt? Its weights inside the RL window, the base model's after.
 
-    python benchmarks/window_split.py RUN [--threads 2]
+    python experiments/window_split.py RUN [--threads 2]
 
 RL explores and trains only the first ``policy.window`` of the denoising steps; the later steps are the
 deterministic ODE step, and no loss holds them in place, yet they run on the same (updated) weights. This samples

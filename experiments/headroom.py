@@ -1,6 +1,6 @@
 """How far can the shipped model move in the time a default run trains? A supervised upper bound for RL.
 
-    python benchmarks/headroom.py [--seconds 480] [--lrs 1e-4 3e-4 1e-3] [--targets exact own-best]
+    python experiments/headroom.py [--seconds 480] [--lrs 1e-4 3e-4 1e-3] [--targets exact own-best]
                                   [--window 0.2] [--train-levels 1 2 3] [--plot docs/headroom.png]
 
 Each configuration starts from the shipped model and trains it by plain flow matching

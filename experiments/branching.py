@@ -1,6 +1,6 @@
 """Which denoising step's noise decides an instance's shape, and which its box? Branch the sampler at one step.
 
-    python benchmarks/branching.py [--model shapes-tiny] [--noise-levels 0.7 0.1 0.02] [--layouts 100] [--branches 4]
+    python experiments/branching.py [--model shapes-tiny] [--noise-levels 0.7 0.1 0.02] [--layouts 100] [--branches 4]
 
 For each noise level a and each step k: every layout's image is sampled by the deterministic ODE from one fixed
 initial noise up to step k; step k is the SDE step at level a (`diffrl.policies.sde`), drawn ``--branches`` times
@@ -9,7 +9,7 @@ so an instance whose verdict differs between them was decided there. Per (a, k) 
 of that step's noise, ISR over all branches, the fractions of instances whose shape verdict, box verdict
 (IoU ≥ 0.5) and success differ between branches, and the within-layout std of the reward (what GRPO's group
 advantage divides by); the last columns split "shape differs" by box size (shorter side in grid cells, the bins of
-``benchmarks/box_sizes.py``). The layouts are the default held-out set's kind (`EvalConfig`'s levels and seed).
+``experiments/box_sizes.py``). The layouts are the default held-out set's kind (`EvalConfig`'s levels and seed).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """How much signal is in one policy-gradient estimate? Three measurements on the shipped model.
 
-    python benchmarks/gradient_signal.py [--model shapes-tiny] [--batches 4]
+    python experiments/gradient_signal.py [--model shapes-tiny] [--batches 4]
 
 1. **Who decides the outcome.** Within-group reward std (16·K samples, K = 8 per layout) when only the
    initial noise varies (ODE sampling) and when the initial noise is shared and only the RL window's

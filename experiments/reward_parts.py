@@ -1,6 +1,6 @@
 """What a GRPO group's advantage is about: the within-group spread of the Shapes reward, split into its parts.
 
-    python benchmarks/reward_parts.py [--rollouts 4] [--seed 7] [--threads 2]
+    python experiments/reward_parts.py [--rollouts 4] [--seed 7] [--threads 2]
 
 Rolls out the shipped base model as `diffrl train` does (its default env, window and noise level; 64 layouts × 4 per
 rollout), once with independent initial noise per sample and once with a group's samples sharing it
