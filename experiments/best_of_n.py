@@ -15,7 +15,9 @@ it), each from its own initial noise (seeds 1234, 1235, ...; the first is the su
   any right       the fraction of instances drawn right in at least one of the N samples
 
 A learner's captured fraction of the headroom is (its ISR − one sample) / (best by reward − one sample).
-Prints a table; ``--json`` writes every number.
+Prints a table; ``--json`` writes every number. Nothing is trained here: `experiments/headroom.py` measures the other
+headroom, how far supervised flow matching (on exact renders, or on the model's own best samples) moves the weights
+in the time a run trains.
 """
 
 from __future__ import annotations

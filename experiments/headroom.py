@@ -24,6 +24,10 @@ what a learner confined to the window can gain there.
 the held-out L2–L6 (the evaluation set is unchanged): whether more of its own pre-training still moves held-out
 ISR, that is, whether the shipped model is a converged starting point rather than a weakened one.
 
+Not the headroom of `experiments/best_of_n.py`, which trains nothing: that one samples the model N times per layout
+and measures how much better its best sample already is (what a learner could reach by making the reward's favourite
+likely); this one changes the weights by supervised training and measures how far they move in a run's time.
+
 Prints one line per evaluation and a table of the best and last ISR per configuration; ``--plot`` draws
 ISR against training seconds (matplotlib, from the ``sweep`` extra).
 """
