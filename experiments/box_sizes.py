@@ -1,6 +1,6 @@
 """Which instances does a run fix: ISR by box size and by asked-for shape, base against each run's final weights.
 
-    python benchmarks/box_sizes.py RUN [RUN ...] [--threads 2]
+    python experiments/box_sizes.py RUN [RUN ...] [--threads 2] [--json PATH]
 
 COCO reports AP by object size; this reports the Shapes world's per-instance success the same way. Each RUN is a
 `diffrl train` folder on the Shapes world; all must share their held-out set (``eval.*``) and model. The base row is
@@ -24,6 +24,8 @@ from diffrl.layout import Layout
 from diffrl.policies.generator import build_generator
 from diffrl.rewards import build_reward
 from diffrl.shapes.world import GRID, SHAPES, parse_phrase
+
+from _results import add_json_option, write_json  # this folder's module (a script's folder is on sys.path)
 
 SIZE_BINS = (("≤ 8", 0, 8), ("9–10", 9, 10), ("≥ 11", 11, GRID))
 
@@ -50,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", type=Path, nargs="+", help="run folders of `diffrl train` on the Shapes world")
     parser.add_argument("--threads", type=int, default=2)
+    add_json_option(parser, __file__)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -75,15 +78,19 @@ def main() -> None:
     print("| model | ISR | " + " | ".join(f"size {name}" for name, _, _ in SIZE_BINS) + " | "
           + " | ".join(SHAPES) + " |")
     print("|---" * (2 + len(groups)) + "|")
+    rows = []
     for name, generator in models:
         scored = reward(generate(generator, layouts, desc=name, **kwargs), layouts)  # the images `evaluate` scores
         summary, success = summarize([scored], layouts), scored.info["success"].cpu()
-        cells = []
-        for members in groups.values():
+        cells, isr = [], {}
+        for column, members in groups.items():
             hits = sum(bool(success[i, j]) for i, j in members)
+            isr[column] = {"isr": hits / len(members) if members else None, "instances": len(members)}
             cells.append(f"{hits / len(members):.3f}" + (f" ({len(members)})" if name == "base" else "")
                          if members else "–")
         print(f"| {name} | {summary['isr']:.3f} | " + " | ".join(cells) + " |", flush=True)
+        rows.append({"model": name, "isr": summary["isr"], "by_column": isr})
+    write_json(args, __file__, layouts=len(layouts), levels=cfg.eval.levels, seed=cfg.eval.seed, grid=GRID, rows=rows)
 
 
 if __name__ == "__main__":
