@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from diffrl.algos.export import load_run
+from diffrl.envs.datasets import shapes_world
 from diffrl.errors import UserError
 from diffrl.eval.evaluate import generate, held_out_layouts
 from diffrl.eval.metrics import summarize
@@ -64,11 +65,12 @@ def main() -> None:
         if (other.eval, other.model.name, other.env.data) != (cfg.eval, cfg.model.name, cfg.env.data):
             parser.error(f"{run}: its held-out set, model or data differ from {args.runs[0]}'s; "
                          "compare runs that share them")
-    if cfg.env.data != "shapes" or cfg.reward.name != "shapes":
+    world = shapes_world(cfg.env.data)
+    if world is None or cfg.reward.name != "shapes":
         parser.error(f"{args.runs[0]}: box sizes and shapes are read from the Shapes world; this run used "
                      f"--data {cfg.env.data} --reward {cfg.reward.name}")
     reward = build_reward(cfg.reward.name, cfg.reward.model or None)
-    layouts = held_out_layouts(cfg.eval.layouts, cfg.eval.levels, cfg.eval.seed)
+    layouts = held_out_layouts(cfg.eval.layouts, cfg.eval.levels, cfg.eval.seed, world)
     groups = instance_groups(layouts)
     kwargs = dict(num_steps=cfg.env.num_steps, shift=cfg.env.shift, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)
     models = [("base", build_generator(cfg.model, cfg.policy.train))] + [(str(run), g) for run, (_, g) in
