@@ -112,3 +112,14 @@ def test_a_resumed_run_still_draws_before_after(tmp_path, saved_generator, one_t
     events = _events(run)
     assert [e.step for e in events.Scalars("eval/isr")] == [0, 1, 2, 3]  # base, final of part one, eval.every, final
     assert [e.step for e in events.Images("eval/samples")] == [2]
+
+
+def test_the_kept_base_samples_are_tile_sized_and_draw_the_same_tiles():
+    from diffrl.eval.visualize import tile, tile_sized, to_uint8
+
+    images = to_uint8(torch.rand(2, 3, 3 * CELL, 3 * CELL, generator=torch.Generator().manual_seed(0)))
+    kept = tile_sized(images)
+    assert kept.shape == (2, 3, CELL, CELL) and tile_sized(kept) is kept
+    for full, small in zip(images, kept):
+        assert np.array_equal(np.asarray(tile(full.permute(1, 2, 0).numpy(), layout())),
+                              np.asarray(tile(small.permute(1, 2, 0).numpy(), layout())))

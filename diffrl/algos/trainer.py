@@ -9,7 +9,7 @@ A run folder holds:
     base.json            the base evaluation (and the wall time so far), what a resumed run reads
     samples_before.png   the first eval.grid held-out samples of the base model: target boxes drawn over, the prompt
                          under each, failed instances dashed with a red badge (`diffrl.eval.visualize`)
-    samples_before.pt    those samples (uint8) and their verdicts, kept for before_after.png after a resume
+    samples_before.pt    those samples (uint8, tile-sized) and their verdicts, for before_after.png after a resume
     samples_after.png    the same layouts and noise after training
     before_after.png     the two side by side (base left, trained right) under each side's ISR and verdict counts
     summary.json         {"base": M, "final": M, "iterations", "wall_seconds", "eval_layouts", "eval_data",

@@ -226,7 +226,8 @@ class RunPictures:
     """A train run's pictures (`diffrl.algos.trainer`): ``samples_before.png`` / ``samples_after.png`` (the first
     evaluation layouts, captioned and with the judge's marks), ``before_after.png`` (the two side by side), and in
     TensorBoard every evaluation's scalars under ``eval/`` with these pictures as images. The base samples shown are
-    kept in ``samples_before.pt`` (uint8 images and verdicts), so a resumed run draws before_after.png too."""
+    kept in ``samples_before.pt`` (uint8, at most tile-sized, with their verdicts), so a resumed run draws
+    before_after.png too."""
 
     BEFORE = "samples_before.pt"
 
@@ -243,7 +244,7 @@ class RunPictures:
         pictures = {}
         if self.layouts:
             n = len(self.layouts)
-            kept = {"images": to_uint8(images[:n]), "verdicts": _first(verdicts, n)}
+            kept = {"images": tile_sized(to_uint8(images[:n])), "verdicts": _first(verdicts, n)}
             atomic_write(self.folder / self.BEFORE, lambda tmp: torch.save(kept, tmp))
             pictures["eval/samples_before"] = self.grid(kept["images"], kept["verdicts"])
             pictures["eval/samples_before"].save(self.folder / "samples_before.png")
@@ -278,6 +279,15 @@ class RunPictures:
         for tag, picture in pictures.items():
             self.writer.add_image(tag, np.asarray(picture), step, dataformats="HWC")
         self.writer.flush()
+
+
+def tile_sized(images: torch.Tensor, cell: int = CELL) -> torch.Tensor:
+    """uint8 [N, 3, H, W] no larger than a tile: images larger than ``cell`` shrunk as `tile` shrinks them (PIL's
+    nearest), so the tiles drawn from them are the same while a large model's samples stay small on disk."""
+    if images.shape[-1] <= cell and images.shape[-2] <= cell:
+        return images
+    shrunk = [np.asarray(Image.fromarray(p).resize((cell, cell), Image.NEAREST)) for p in images.permute(0, 2, 3, 1).numpy()]
+    return torch.from_numpy(np.stack(shrunk)).permute(0, 3, 1, 2).contiguous()
 
 
 def _first(verdicts: torch.Tensor | None, n: int) -> torch.Tensor | None:
