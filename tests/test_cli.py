@@ -42,7 +42,7 @@ def test_bad_layout_file_names_the_line_and_exits_2(tmp_path, capsys):
         (["train", "--data", "missing.jsonl"], "no such file"),
         (["train", "--config", "missing.yaml"], "no such file"),
         (["eval", "--levels", "9"], "levels must be among"),
-        (["train", "--algo", "grpo", "algo.group_scale=layout"], "config algo.group_scale: 'group' or 'batch'"),
+        (["train", "--algo", "grpo", "group.scale=layout"], "config group.scale: 'group' or 'batch'"),
         (["train", "policy.window_start=0.9"], "runs past the last of 10 steps"),
     ],
 )
@@ -55,8 +55,8 @@ def test_user_errors_are_one_line_with_exit_code_2(args, message, capsys):
 @pytest.mark.parametrize("key, allowed", [
     ("model.dtype", "one of float32, bfloat16, float16"),
     ("policy.train", "'all' or 'adapter'"),
-    ("algo.log_prob_reduce", "'sum' or 'mean'"),
-    ("algo.group_scale", "'group' or 'batch'"),
+    ("pg.log_prob_reduce", "'sum' or 'mean'"),
+    ("group.scale", "'group' or 'batch'"),
     ("forward.sampler", "'ode' or 'sde'"),
     ("forward.time_sampling", "'schedule' or 'uniform'"),
     ("reward.http_format", "'png' or 'safetensors'"),
