@@ -2,7 +2,8 @@
 
 A config is built from defaults, then a YAML file (``--config``), then the CLI's named flags, then
 ``section.field=value`` overrides — later wins. Every run writes the resolved result to its
-``config.yaml``. Unknown keys and values of the wrong type are user errors (one line, exit 2).
+``config.yaml``. Unknown keys and values of the wrong type are user errors (one line, exit 2); so is a key that moved
+to another section (`MOVED`), with its new name.
 
 ``algo`` holds what every learner reads; each other learner setting lives in the section of the learners that read it:
 ``pg`` (PPO, GRPO: the clipped surrogate), ``ppo`` (its critic), ``group`` (GRPO, AWM, NFT: group advantages),
@@ -225,12 +226,29 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+# Keys that left the shared ``algo`` section for the section of the learners that read them: a user who writes the
+# old key (override, --config file, sweep row) is told the new one, in one line; nothing reads the old names.
+MOVED = {
+    "algo.clip_epsilon": "pg.clip_epsilon",
+    "algo.log_prob_reduce": "pg.log_prob_reduce",
+    "algo.anchor_steps": "pg.anchor_steps",
+    "algo.critic_lr": "ppo.critic_lr",
+    "algo.critic_coef": "ppo.critic_coef",
+    "algo.normalize_advantage": "ppo.normalize_advantage",
+    "algo.group_scale": "group.scale",
+    "algo.ldm_coef": "joint.ldm_coef",
+    "algo.dis_coef": "joint.dis_coef",
+}
+
+
 def set_value(cfg, key: str, value: Any) -> None:
     """Set ``section.field`` (or a top-level field) on a config, checking the key and the type."""
     target, parts = cfg, key.split(".")
     for i, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(target)]
         if part not in names:
+            if key in MOVED:
+                raise UserError(f"config {key} is now {MOVED[key]} (algo keeps what every learner shares)")
             valid = [k for k, _, _ in field_help()]
             close = difflib.get_close_matches(key, valid, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else "; `diffrl train --help` lists every key"

@@ -20,7 +20,8 @@ A config is built from these defaults, then a YAML file (`--config FILE.yaml`, s
 named flags, then `section.key=value` overrides on the command line: later wins. Every run writes the resolved
 result to its `config.yaml`. `reward.options` is a free-form mapping (`reward.options.key=value`).
 `algo` holds what every learner reads; `pg` (PPO, GRPO), `ppo`, `group` (GRPO, AWM, NFT), `joint` (I-DRUID's joint
-loss: PPO, GRPO, SFT) and `forward` (AWM, NFT) what only some do.
+loss: PPO, GRPO, SFT) and `forward` (AWM, NFT) what only some do. A key written under `algo` that now lives in one
+of these is a one-line error naming its new place.
 """
 
 
