@@ -298,6 +298,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def upgrade_saved(data: dict) -> dict:
+    """A config that diffrl itself saved before the `MOVED` keys left ``algo`` (a run's config.yaml, a sweep
+    trial's trial.json), with those keys in their new sections, so older runs still resume, export and evaluate.
+    Only for files diffrl wrote: a user's --config or override with an old key stays an error (`set_value`)."""
+    data = {section: dict(value) if isinstance(value, dict) else value for section, value in data.items()}
+    for old, new in MOVED.items():
+        (old_section, old_field), (new_section, new_field) = old.split("."), new.split(".")
+        if isinstance(data.get(old_section), dict) and old_field in data[old_section]:
+            value = data[old_section].pop(old_field)
+            data.setdefault(new_section, {}).setdefault(new_field, value)
+    return data
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -118,6 +118,22 @@ def test_each_learner_section_checks_its_values_in_one_line(override, message, t
     assert not (tmp_path / "run").exists()
 
 
+def test_a_config_saved_before_the_split_reads_into_the_new_sections():
+    """A run folder's config.yaml from before the learner sections (resume, export, eval --checkpoint) still loads;
+    a config saved now passes through unchanged."""
+    from diffrl.config import build_config, to_dict, upgrade_saved
+
+    saved = to_dict(build_config({}, [("algo.name", "ppo")]))
+    old = {**saved, "algo": {**saved["algo"], **{o.split(".")[1]: v for o, _, v in MOVED_KEYS}}}
+    for section in ("pg", "ppo", "group", "joint"):
+        del old[section]
+    cfg = build_config(upgrade_saved(old))
+    assert [cfg.pg.clip_epsilon, cfg.pg.log_prob_reduce, cfg.pg.anchor_steps, cfg.ppo.critic_lr, cfg.ppo.critic_coef,
+            cfg.ppo.normalize_advantage, cfg.group.scale, cfg.joint.ldm_coef, cfg.joint.dis_coef] == \
+        [v for _, _, v in MOVED_KEYS]
+    assert upgrade_saved(saved) == saved
+
+
 def test_help_lists_valid_names_and_config_keys(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--help"])
