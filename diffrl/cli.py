@@ -203,14 +203,14 @@ def add_export(sub) -> None:
 
 def cmd_train(args) -> int:
     from diffrl.algos.trainer import train
-    from diffrl.config import build_config, load_yaml, parse_override
+    from diffrl.config import build_config, load_yaml, parse_override, upgrade_saved
 
     yaml_data = {}
     if args.resume:
         run = Path(args.resume)
         if not (run / "config.yaml").is_file():
             raise UserError(f"--resume {run}: no config.yaml there; pass the folder of an earlier run")
-        yaml_data = load_yaml(run / "config.yaml")
+        yaml_data = upgrade_saved(load_yaml(run / "config.yaml"))
     if args.config:
         yaml_data.update(load_yaml(args.config))
     flags = {"env.name": args.env, "env.data": args.data, "model.name": args.model, "reward.name": args.reward,
@@ -263,9 +263,9 @@ def _eval_layouts(args) -> tuple[list, int]:
         raise UserError(f"--leakage: must be ≥ 0, got {args.leakage}")
     run_cfg = None
     if args.checkpoint and args.data is None and (Path(args.checkpoint) / "config.yaml").is_file():
-        from diffrl.config import build_config, load_yaml
+        from diffrl.config import build_config, load_yaml, upgrade_saved
 
-        run_cfg = build_config(load_yaml(Path(args.checkpoint) / "config.yaml"))
+        run_cfg = build_config(upgrade_saved(load_yaml(Path(args.checkpoint) / "config.yaml")))
     if run_cfg is not None and not (run_cfg.eval.data in ("", "shapes") and shapes_world(run_cfg.env.data)):
         evaluation = eval_data(run_cfg)  # the layouts its summary.json was scored on
         print(f"evaluating on {evaluation.name} (the run's eval.data; pass --data to choose another)", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""I-DRUID's L_ldm beside RL (algo.ldm_coef) and alone (--algo sft), on paired renders of the Shapes world."""
+"""I-DRUID's L_ldm beside RL (joint.ldm_coef) and alone (--algo sft), on paired renders of the Shapes world."""
 
 import copy
 import json
@@ -11,16 +11,16 @@ from diffrl.algos.sft import flow_matching_loss
 from diffrl.algos.sft_learner import SFT
 from diffrl.algos.trainer import frozen_copy, paired_renders
 from diffrl.cli import main
-from diffrl.config import AlgoConfig
+from diffrl.config import AlgoConfig, JointConfig
 from diffrl.policies.actor import SDEPolicyNet
 from diffrl.shapes.world import render
 from tests.test_env_and_actor import make
 
 
-def _rollout(generator, learner_cls, **cfg):
+def _rollout(generator, learner_cls, ldm_coef=0.0, **cfg):
     env, policy, actor, store = make(generator)
     learner = learner_cls(policy, SDEPolicyNet(frozen_copy(generator), store, 0.7, 2), actor,
-                          AlgoConfig(minibatch_size=1000, **cfg))
+                          AlgoConfig(minibatch_size=1000, **cfg), joint=JointConfig(ldm_coef=ldm_coef))
     with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
         rollout = env.rollout(5, actor, auto_reset=True)
     return learner, rollout, store
@@ -74,7 +74,7 @@ def test_sft_runs_through_the_cli_and_needs_paired_data(tmp_path, saved_generato
     layouts = tmp_path / "layouts.jsonl"
     layouts.write_text(json.dumps({"prompt": "a red square", "phrases": ["red square"], "boxes": [[0.1, 0.1, 0.5, 0.5]]}) + "\n")
     capsys.readouterr()
-    assert main(["train", "--algo", "grpo", "--data", str(layouts), "algo.ldm_coef=1", "--out", str(tmp_path / "x")]) == 2
+    assert main(["train", "--algo", "grpo", "--data", str(layouts), "joint.ldm_coef=1", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "need paired images" in err[0], err
     assert not (tmp_path / "x").exists()

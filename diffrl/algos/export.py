@@ -19,7 +19,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from diffrl.algos.checkpoint import latest_checkpoint
-from diffrl.config import TrainConfig, build_config, load_yaml
+from diffrl.config import TrainConfig, build_config, load_yaml, upgrade_saved
 from diffrl.errors import UserError
 from diffrl.policies.generator import (CLASS_NAME, FLUX_CLASS, SD3_CLASS, LayoutGenerator, build_generator, read_index,
                                       resolve_model)
@@ -31,7 +31,7 @@ def load_run(run: Path) -> tuple[TrainConfig, LayoutGenerator]:
     ckpt = latest_checkpoint(run / "checkpoints")
     if ckpt is None or not (run / "config.yaml").is_file():
         raise UserError(f"{run}: no config.yaml and checkpoints/ there; pass a run folder of `diffrl train`")
-    cfg = build_config(load_yaml(run / "config.yaml"))
+    cfg = build_config(upgrade_saved(load_yaml(run / "config.yaml")))
     generator = build_generator(cfg.model, cfg.policy.train)
     weights = {k[len("denoiser."):]: v for k, v in load_file(str(ckpt)).items() if k.startswith("denoiser.")}
     denoiser = generator.denoiser

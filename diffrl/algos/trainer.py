@@ -161,7 +161,7 @@ def build(cfg: TrainConfig) -> _Parts:
     env_cls, algo_cls = ENVS.get(cfg.env.name), ALGOS.get(cfg.algo.name)
     with oom_hint(f"placing the generator on {device}: it needs a device with more free memory (--device)"):
         generator = build_generator(cfg.model, cfg.policy.train).to(device)
-    require_idm(cfg.algo, generator)
+    require_idm(cfg.joint, generator)
     require_flow(cfg.algo.name, generator)
     return _Parts(device, source, evaluation, reward, env_cls, algo_cls, generator)
 
@@ -187,13 +187,14 @@ def start(cfg: TrainConfig, folder: Path, parts: _Parts, cleanup: ExitStack, pro
         device=parts.device,
     )
     policy = SDEPolicyNet(parts.generator, store, cfg.policy.noise_level, *rollout_window(cfg))
-    actor = make_actor(policy, env.action_spec, cfg.algo.log_prob_reduce)
+    actor = make_actor(policy, env.action_spec, cfg.pg.log_prob_reduce)
+    sections = {name: getattr(cfg, name) for name in parts.algo_cls.sections}  # the learner's own config sections
     if is_forward_learner(cfg):  # AWM / NFT: the flow-matching loss on final samples, no actor to score
         learner = parts.algo_cls(parts.generator, frozen_copy(parts.generator), store, cfg.algo, cfg.forward,
-                                 env.sigmas)
+                                 env.sigmas, **sections)
     else:
         reference = SDEPolicyNet(frozen_copy(parts.generator), store, cfg.policy.noise_level, *rollout_window(cfg))
-        learner = parts.algo_cls(policy, reference, actor, cfg.algo)
+        learner = parts.algo_cls(policy, reference, actor, cfg.algo, **sections)
     if not parts.evaluation.default:  # the Shapes default stays quiet, as it always was
         _report(f"evaluating on {parts.evaluation.name}, judged by the reward {cfg.reward.name}")
     return _Run(cfg, folder, parts, reward, guarded, store, env, actor, learner, scale, phase, progress, started_run)
