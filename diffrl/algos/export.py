@@ -47,7 +47,8 @@ def export_run(run: str | Path, out: str | Path) -> list[Path]:
         raise UserError(f"--out {out} is not empty; pass a new folder")
     out.mkdir(parents=True, exist_ok=True)
     denoiser = generator.denoiser
-    kind = read_index(resolve_model(cfg.model.name)).get("_class_name")
+    base = resolve_model(cfg.model.name)
+    kind = read_index(base).get("_class_name")
     written = []
     if has_lora(denoiser):
         from peft.utils import get_peft_model_state_dict
@@ -73,7 +74,7 @@ def export_run(run: str | Path, out: str | Path) -> list[Path]:
     elif kind == CLASS_NAME:
         generator.save_pretrained(out)
         written.append(out / "model_index.json")
-        if (record := resolve_model(cfg.model.name) / "pretrain.json").is_file():  # its world: env.data='' reads it
+        if (record := base / "pretrain.json").is_file():  # its world: env.data='' reads it
             shutil.copyfile(record, out / "pretrain.json")
             written.append(out / "pretrain.json")
     else:
