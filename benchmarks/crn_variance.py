@@ -1,7 +1,7 @@
 """The variance of the AWM / NFT gradient over the (t, ε) draws, with and without common random numbers.
 
-    python benchmarks/crn_variance.py [--model shapes-tiny] [--data shapes] [--layouts 16] [--group 4]
-                                      [--repeats 12] [--algo awm] [--json out.json]
+    python benchmarks/crn_variance.py [--model shapes-mislabeled] [--data DATA] [--layouts 16] [--group 4]
+                                      [--repeats 12] [--algo awm] [--awm-power 0.25] [--json out.json]
 
 Rolls out the model once as `diffrl train` does for a forward-process learner (ODE samples, ``--group`` per
 layout), scores them, and keeps that batch fixed. Then it computes the learner's gradient ``--repeats`` times, each
@@ -9,7 +9,8 @@ time with fresh (t, ε) draws, once with the group's samples sharing their draws
 and once with every sample drawing its own. Per mode it prints the total variance of the gradient over the draws
 (the mean squared distance of a draw's gradient from their mean, summed over parameters), the norm of the mean
 gradient, and their ratio — how many draws' worth of noise one update carries. Only the draws differ between
-modes: same samples, same advantages, same weights.
+modes: same samples, same advantages, same weights. ``--data`` defaults to the model's own Shapes world (as
+`diffrl train`'s env.data=''), ``--awm-power`` to forward.awm_power (1: the plain matching loss).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from diffrl.algos.advantages import group_advantages
 from diffrl.algos.forward import FinalSamples, awm_loss, group_times_noise, nft_loss, nft_reward
 from diffrl.config import ForwardConfig
-from diffrl.envs.datasets import make_source
+from diffrl.envs.datasets import make_source, model_data
 from diffrl.envs.layout_env import LayoutEnv
 from diffrl.policies.actor import SDEPolicyNet, make_actor
 from diffrl.policies.generator import load_generator
@@ -35,7 +36,7 @@ from diffrl.rewards.shapes import ShapesReward
 
 
 def gradients(generator, store, samples: FinalSamples, advantages, times, k: int, crn: bool, algo: str, repeats: int,
-              seed: int) -> torch.Tensor:
+              seed: int, awm_power: float = 1.0) -> torch.Tensor:
     """[repeats, P] flattened gradients of the policy loss, one per fresh (t, ε) draw."""
     params = [p for p in generator.denoiser.parameters() if p.requires_grad]
     fwd = ForwardConfig()
@@ -51,7 +52,7 @@ def gradients(generator, store, samples: FinalSamples, advantages, times, k: int
             cond = store[samples.layout_index]
             velocity = generator.velocity(x_t, t, cond)
             if algo == "awm":
-                loss = awm_loss(velocity, target, advantages)
+                loss = awm_loss(velocity, target, advantages, t, awm_power)
             else:
                 loss = nft_loss(velocity, velocity.detach(), x_t, samples.x0, t, nft_reward(advantages, fwd.adv_clip),
                                 fwd.nft_beta, fwd.adv_clip)
@@ -62,13 +63,14 @@ def gradients(generator, store, samples: FinalSamples, advantages, times, k: int
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="shapes-tiny")
-    parser.add_argument("--data", default="shapes")
+    parser.add_argument("--model", default="shapes-mislabeled")
+    parser.add_argument("--data", default="", help="a Shapes dataset (default: the model's own world)")
     parser.add_argument("--layouts", type=int, default=16)
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--timesteps", type=int, default=ForwardConfig().timesteps)
     parser.add_argument("--algo", default="awm", choices=["awm", "nft"])
+    parser.add_argument("--awm-power", type=float, default=ForwardConfig().awm_power)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args(argv)
@@ -76,7 +78,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     generator = load_generator(args.model)
     store = ConditionStore()
-    env = LayoutEnv(generator, ShapesReward(), make_source(args.data, [2, 3, 4, 5, 6], seed=args.seed), store,
+    data = args.data or model_data(args.model)
+    env = LayoutEnv(generator, ShapesReward(), make_source(data, [2, 3, 4, 5, 6], seed=args.seed), store,
                     layouts_per_reset=args.layouts, group_size=args.group, num_steps=10, seed=args.seed)
     actor = make_actor(SDEPolicyNet(generator, store, noise_level=0.0, window_steps=0), env.action_spec)
     with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
@@ -89,7 +92,7 @@ def main(argv=None) -> int:
     for crn in (True, False):
         tic = time.time()
         grads = gradients(generator, store, samples, advantages, times, args.timesteps, crn, args.algo, args.repeats,
-                          args.seed + 1)
+                          args.seed + 1, args.awm_power)
         mean = grads.mean(0)
         variance = float(((grads - mean) ** 2).sum(1).mean())
         signal = float((mean**2).sum())

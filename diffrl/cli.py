@@ -136,6 +136,8 @@ def add_eval(sub) -> None:
     ev.add_argument("--reward-model", metavar="DIR|HUB_ID", help=REWARD_MODEL_HELP)
     ev.add_argument("--sam-model", metavar="DIR|HUB_ID", help="cocomig judge: SAM weights for the object masks (the "
                     "benchmark's: facebook/sam-vit-huge); without it the detected box is the object's region")
+    ev.add_argument("--hsv-table", metavar="COMMIT", help="cocomig judge: eval_mig.py's colour table, by the "
+                    "LeyRio/MIG_Bench commit that runs it: 7f5da08 (default, the current one) or 723d10e (the first)")
     ev.add_argument("--steps", type=int, default=10, help="sampling steps")
     ev.add_argument("--leakage", type=int, metavar="N", help="attribute leakage on N Shapes probe layouts of adjacent or "
                     "overlapping same-shape, different-colour pairs (default with --data shapes: min(64, --layouts); "
@@ -203,14 +205,14 @@ def add_export(sub) -> None:
 
 def cmd_train(args) -> int:
     from diffrl.algos.trainer import train
-    from diffrl.config import build_config, load_yaml, parse_override
+    from diffrl.config import build_config, load_yaml, parse_override, upgrade_saved
 
     yaml_data = {}
     if args.resume:
         run = Path(args.resume)
         if not (run / "config.yaml").is_file():
             raise UserError(f"--resume {run}: no config.yaml there; pass the folder of an earlier run")
-        yaml_data = load_yaml(run / "config.yaml")
+        yaml_data = upgrade_saved(load_yaml(run / "config.yaml"))
     if args.config:
         yaml_data.update(load_yaml(args.config))
     flags = {"env.name": args.env, "env.data": args.data, "model.name": args.model, "reward.name": args.reward,
@@ -268,9 +270,9 @@ def _eval_layouts(args) -> tuple[list, int]:
         raise UserError(f"--leakage: must be ≥ 0, got {args.leakage}")
     run_cfg = None
     if args.checkpoint and args.data is None and (Path(args.checkpoint) / "config.yaml").is_file():
-        from diffrl.config import build_config, load_yaml
+        from diffrl.config import build_config, load_yaml, upgrade_saved
 
-        run_cfg = build_config(load_yaml(Path(args.checkpoint) / "config.yaml"))
+        run_cfg = build_config(upgrade_saved(load_yaml(Path(args.checkpoint) / "config.yaml")))
     if run_cfg is not None and not (run_cfg.eval.data in ("", "shapes") and shapes_world(run_cfg.env.data)):
         evaluation = eval_data(run_cfg)  # the layouts its summary.json was scored on
         print(f"evaluating on {evaluation.name} (the run's eval.data; pass --data to choose another)", file=sys.stderr)
@@ -316,7 +318,7 @@ def cmd_eval(args) -> int:
 
         images = generate(generator, layouts, num_steps=args.steps, seed=args.seed, progress=not args.quiet)
         verdicts = judge(images, layouts, progress=not args.quiet)
-        metrics = cocomig_metrics(verdicts, layouts)
+        metrics = {**cocomig_metrics(verdicts, layouts), "hsv_table": judge.hsv_table}
     else:
         metrics, _ = evaluate(generator, judge, layouts, num_steps=args.steps, seed=args.seed,
                               progress=not args.quiet)
@@ -341,15 +343,18 @@ def _eval_judge(args, layouts):
     from diffrl.rewards import build_reward
 
     if args.judge == "cocomig":
-        from diffrl.eval.cocomig import CocoMigJudge, SamSegmenter, cocomig_grounder
+        from diffrl.eval.cocomig import HSV_TABLE, CocoMigJudge, SamSegmenter, cocomig_grounder
 
         if args.reward is not None or args.overrides:
             what = "--reward" if args.reward is not None else "reward.options"
             raise UserError(f"{what} has no effect with --judge cocomig, which grounds with --reward-model")
-        CocoMigJudge.check(layouts)  # phrases it cannot read fail before any weights load
-        return CocoMigJudge(cocomig_grounder(args.reward_model), SamSegmenter(args.sam_model) if args.sam_model else None)
-    if args.sam_model:
-        raise UserError("--sam-model is for --judge cocomig")
+        table = args.hsv_table or HSV_TABLE
+        CocoMigJudge.check(layouts, table)  # an unknown table, or phrases it cannot read, fail before weights load
+        return CocoMigJudge(cocomig_grounder(args.reward_model), SamSegmenter(args.sam_model) if args.sam_model else None,
+                            hsv_table=table)
+    for flag, value in (("--sam-model", args.sam_model), ("--hsv-table", args.hsv_table)):
+        if value:
+            raise UserError(f"{flag} is for --judge cocomig")
     return build_reward(args.reward or "shapes", args.reward_model, _reward_options(args.overrides))
 
 
@@ -386,11 +391,13 @@ def _write_eval(args, out: Path | None, metrics: dict, images, layouts, verdicts
     if args.judge == "cocomig":
         from diffrl.eval.report import write_report
 
-        settings = {"judge": "cocomig (LeyRio/MIG_Bench eval_mig.py protocol)",
+        settings = {"judge": "cocomig (LeyRio/MIG_Bench eval_mig.py protocol, commit 7f5da08)",
                     "data": args.data or "the Shapes held-out set",
                     "generator": args.checkpoint or args.model or TrainConfig().model.name, "steps": args.steps,
                     "seed": args.seed, "grounder": args.reward_model or "IDEA-Research/grounding-dino-tiny",
-                    "object mask": f"SAM {args.sam_model}" if args.sam_model else "detected box (no --sam-model)"}
+                    "object mask": f"SAM {args.sam_model}" if args.sam_model else "detected box (no --sam-model)",
+                    "HSV table": f"{metrics['hsv_table']} (the color_dict of eval_mig.py at MIG_Bench commit "
+                                 f"{metrics['hsv_table']})"}
         print(f"wrote {write_report(out.with_suffix('.html'), images, layouts, verdicts, metrics, settings)}")
 
 

@@ -2,7 +2,12 @@
 
 A config is built from defaults, then a YAML file (``--config``), then the CLI's named flags, then
 ``section.field=value`` overrides — later wins. Every run writes the resolved result to its
-``config.yaml``. Unknown keys and values of the wrong type are user errors (one line, exit 2).
+``config.yaml``. Unknown keys and values of the wrong type are user errors (one line, exit 2); so is a key that moved
+to another section (`MOVED`), with its new name.
+
+``algo`` holds what every learner reads; each other learner setting lives in the section of the learners that read it:
+``pg`` (PPO, GRPO: the clipped surrogate), ``ppo`` (its critic), ``group`` (GRPO, AWM, NFT: group advantages),
+``joint`` (I-DRUID's joint loss: PPO, GRPO, SFT) and ``forward`` (AWM, NFT).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ class ModelConfig:
     lora_targets: list = option([], "backbone modules LoRA adapts (names or suffixes; []: the attention projections of SD3's and FLUX's blocks)")
     t5: bool = option(False, "SD3: load the T5-XXL text encoder too (off: its tokens are zeros, as diffusers does without it; saves ~9 GiB)")
     adapter: str = option("", "layout adapter checkpoint folder (config.json + model.safetensors) for a real model ('': a fresh one, gates 0)")
-    idm: bool = option(False, "give the layout adapter I-DRUID's Instance-Disentangled Module if it has none (fresh: outputs unchanged until it trains); for algo.dis_coef")
+    idm: bool = option(False, "give the layout adapter I-DRUID's Instance-Disentangled Module if it has none (fresh: outputs unchanged until it trains); for joint.dis_coef")
     guidance_scale: float = option(1.0, "classifier-free guidance scale s in rollout and training (1: off; SD3 samples at ~5–7); FLUX.1-dev: its distilled guidance value, no CFG pass (3.5 in FluxPipeline)")
     resolution: int = option(0, "FLUX: image side in pixels, a multiple of 16 (0: the VAE's sample_size, 1024 for FLUX.1)")
     gradient_checkpointing: bool = option(False, "recompute the backbone's activations in the backward pass (less memory, slower)")
@@ -71,18 +76,34 @@ class AlgoConfig:
     epochs: int = option(1, "passes over each iteration's transitions")
     minibatch_size: int = option(64, "samples of one denoising step per gradient step (≥ batch: the whole step)")
     micro_batch: int = option(0, "rows per forward/backward pass of a minibatch, their gradients summed exactly (0: the minibatch split evenly over the --learners; one process: the whole minibatch). The update is the same bit for bit on any number of learners with the same micro_batch")
-    clip_epsilon: float = option(0.2, "PPO ratio clip ζ")
-    kl_coef: float = option(0.01, "weight of KL(π_θ ‖ π_ref) to the initial policy")
-    log_prob_reduce: Literal["sum", "mean"] = option("sum", "log-prob over latent dims: sum (exact density) or mean (Flow-GRPO)")
+    kl_coef: float = option(0.01, "weight of KL(π_θ ‖ π_ref) to the initial policy (awm, nft: forward.kl_coef instead)")
     max_grad_norm: float = option(1.0, "gradient-norm clip")
-    anchor_steps: int = option(0, "post-window steps per epoch held to the reference by the KL term (0: none)")
     accumulate: bool = option(True, "one optimizer step per epoch, averaging the gradients of all window steps (Flow-GRPO); awm, nft: off, a step per minibatch")
-    ldm_coef: float = option(0.0, "weight λ of I-DRUID's L_ldm: flow matching on paired renders of each iteration's layouts (0: off; --data shapes)")
-    dis_coef: float = option(0.0, "weight λ_dis of I-DRUID's IDC loss L_dis on each training forward (0: off; needs a generator with IDM: model.idm=true, or one from `diffrl pretrain --idm`)")
+
+
+@dataclass
+class PGConfig:
+    clip_epsilon: float = option(0.2, "PPO/GRPO: ratio clip ζ of the clipped surrogate")
+    log_prob_reduce: Literal["sum", "mean"] = option("sum", "PPO/GRPO: log-prob over latent dims: sum (exact density) or mean (Flow-GRPO)")
+    anchor_steps: int = option(0, "PPO/GRPO: post-window steps per epoch held to the reference by the KL term (0: none)")
+
+
+@dataclass
+class PPOConfig:
     critic_lr: float = option(1e-3, "PPO: learning rate of the critic φ")
     critic_coef: float = option(1.0, "PPO: weight of the critic loss (φ(s_t) − r)²")
     normalize_advantage: bool = option(True, "PPO: standardise advantages over each iteration's batch")
-    group_scale: Literal["group", "batch"] = option("group", "GRPO: divide r − group mean by the group's std (group) or by the batch's (batch: Dr. GRPO)")
+
+
+@dataclass
+class GroupConfig:
+    scale: Literal["group", "batch"] = option("group", "GRPO/AWM/NFT: divide r − group mean by the group's std (group) or by the batch's (batch: Dr. GRPO)")
+
+
+@dataclass
+class JointConfig:
+    ldm_coef: float = option(0.0, "PPO/GRPO: weight λ of I-DRUID's L_ldm: flow matching on paired renders of each iteration's layouts (0: off; --data shapes)")
+    dis_coef: float = option(0.0, "PPO/GRPO/SFT: weight λ_dis of I-DRUID's IDC loss L_dis on each training forward (0: off; needs a generator with IDM: model.idm=true, or one from `diffrl pretrain --idm`)")
 
 
 @dataclass
@@ -148,6 +169,10 @@ class TrainConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    pg: PGConfig = field(default_factory=PGConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    group: GroupConfig = field(default_factory=GroupConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -205,12 +230,29 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+# Keys that left the shared ``algo`` section for the section of the learners that read them: a user who writes the
+# old key (override, --config file, sweep row) is told the new one, in one line; nothing reads the old names.
+MOVED = {
+    "algo.clip_epsilon": "pg.clip_epsilon",
+    "algo.log_prob_reduce": "pg.log_prob_reduce",
+    "algo.anchor_steps": "pg.anchor_steps",
+    "algo.critic_lr": "ppo.critic_lr",
+    "algo.critic_coef": "ppo.critic_coef",
+    "algo.normalize_advantage": "ppo.normalize_advantage",
+    "algo.group_scale": "group.scale",
+    "algo.ldm_coef": "joint.ldm_coef",
+    "algo.dis_coef": "joint.dis_coef",
+}
+
+
 def set_value(cfg, key: str, value: Any) -> None:
     """Set ``section.field`` (or a top-level field) on a config, checking the key and the type."""
     target, parts = cfg, key.split(".")
     for i, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(target)]
         if part not in names:
+            if key in MOVED:
+                raise UserError(f"config {key} is now {MOVED[key]} (algo keeps what every learner shares)")
             valid = [k for k, _, _ in field_help()]
             close = difflib.get_close_matches(key, valid, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else "; `diffrl train --help` lists every key"
@@ -258,6 +300,19 @@ def parse_override(text: str) -> tuple[str, Any]:
         except ValueError:
             pass
     return key.strip(), value
+
+
+def upgrade_saved(data: dict) -> dict:
+    """A config that diffrl itself saved before the `MOVED` keys left ``algo`` (a run's config.yaml, a sweep
+    trial's trial.json), with those keys in their new sections, so older runs still resume, export and evaluate.
+    Only for files diffrl wrote: a user's --config or override with an old key stays an error (`set_value`)."""
+    data = {section: dict(value) if isinstance(value, dict) else value for section, value in data.items()}
+    for old, new in MOVED.items():
+        (old_section, old_field), (new_section, new_field) = old.split("."), new.split(".")
+        if isinstance(data.get(old_section), dict) and old_field in data[old_section]:
+            value = data[old_section].pop(old_field)
+            data.setdefault(new_section, {}).setdefault(new_field, value)
+    return data
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -317,6 +372,9 @@ def validate(cfg: TrainConfig) -> None:
     _check_model(cfg.model)
     _check_env(cfg.env)
     _check_algo(cfg)
+    _check_pg(cfg.pg)
+    _check_ppo(cfg.ppo)
+    _check_joint(cfg)
     _check_forward(cfg.forward)
     _check_ray(cfg.ray)
     _check_reward(cfg)
@@ -387,20 +445,41 @@ def _check_env(e: EnvConfig) -> None:
 
 
 def _check_algo(cfg: TrainConfig) -> None:
-    """The learner's weights, and what it needs of the env and the data."""
-    if is_forward_learner(cfg) and (cfg.algo.ldm_coef or cfg.algo.dis_coef):
-        raise UserError(f"config algo.ldm_coef / algo.dis_coef: --algo {cfg.algo.name} has no joint loss; use ppo or grpo")
+    """What the learner needs of the env."""
     if cfg.algo.name in ("grpo", *FORWARD_LEARNERS) and cfg.env.group_size < 2:
         raise UserError(f"config env.group_size: --algo {cfg.algo.name} compares samples of one layout, so it needs ≥ 2")
-    if cfg.algo.ldm_coef < 0:
-        raise UserError(f"config algo.ldm_coef: must be ≥ 0, got {cfg.algo.ldm_coef}")
     if cfg.algo.micro_batch < 0:
         raise UserError(f"config algo.micro_batch: must be ≥ 0 (0: the minibatch split over the learners), got "
                         f"{cfg.algo.micro_batch}")
-    if cfg.algo.dis_coef < 0:
-        raise UserError(f"config algo.dis_coef: must be ≥ 0, got {cfg.algo.dis_coef}")
-    if uses_paired_data(cfg) and cfg.env.data != "shapes":
-        raise UserError("config algo.ldm_coef / --algo sft need paired images; only --data shapes renders them so far")
+
+
+def _check_pg(p: PGConfig) -> None:
+    """PPO's and GRPO's clipped surrogate (``log_prob_reduce``'s choices: `check_choices`)."""
+    if p.clip_epsilon <= 0:
+        raise UserError(f"config pg.clip_epsilon: must be > 0, got {p.clip_epsilon}")
+    if p.anchor_steps < 0:
+        raise UserError(f"config pg.anchor_steps: must be ≥ 0 (0: none), got {p.anchor_steps}")
+
+
+def _check_ppo(p: PPOConfig) -> None:
+    """PPO's critic."""
+    if p.critic_lr < 0 or p.critic_coef < 0:
+        raise UserError(f"config ppo.critic_lr and ppo.critic_coef must be ≥ 0, got {p.critic_lr}, {p.critic_coef}")
+
+
+def _check_joint(cfg: TrainConfig) -> None:
+    """I-DRUID's joint-loss weights, which learners have the joint loss, and the paired renders L_ldm needs."""
+    from diffrl.envs.datasets import shapes_world
+
+    if is_forward_learner(cfg) and (cfg.joint.ldm_coef or cfg.joint.dis_coef):
+        raise UserError(f"config joint.ldm_coef / joint.dis_coef: --algo {cfg.algo.name} has no joint loss; use ppo or grpo")
+    if cfg.joint.ldm_coef < 0:
+        raise UserError(f"config joint.ldm_coef: must be ≥ 0, got {cfg.joint.ldm_coef}")
+    if cfg.joint.dis_coef < 0:
+        raise UserError(f"config joint.dis_coef: must be ≥ 0, got {cfg.joint.dis_coef}")
+    if uses_paired_data(cfg) and cfg.env.data and shapes_world(cfg.env.data) is None:  # '': the model's Shapes world
+        raise UserError("config joint.ldm_coef / --algo sft need paired images; only the Shapes worlds (--data shapes, "
+                        "shapes-loose) render them so far")
 
 
 def _check_forward(f: ForwardConfig) -> None:
@@ -442,7 +521,7 @@ def _check_reward(cfg: TrainConfig) -> None:
 
 def uses_paired_data(cfg: TrainConfig) -> bool:
     """Does the learner train on paired renders (the L_ldm term, or SFT alone)?"""
-    return cfg.algo.ldm_coef > 0 or cfg.algo.name == "sft"
+    return cfg.joint.ldm_coef > 0 or cfg.algo.name == "sft"
 
 
 def window_steps(cfg: TrainConfig) -> int:

@@ -1,6 +1,6 @@
 """How much of a model's headroom is already on-policy: one sample against the best of N, per held-out layout.
 
-    python experiments/best_of_n.py [MODEL_OR_RUN ...] [--n 8] [--world classic|loose] [--layouts 250] [--json out.json]
+    python experiments/best_of_n.py [MODEL_OR_RUN ...] [--n 8] [--world classic|loose] [--layouts 250] [--json PATH]
 
 For a generator (a registered name such as ``shapes-tiny``, a generator folder) or a `diffrl train` run folder
 (its last checkpoint), draws ``--n`` deterministic ODE samples of each of the held-out layouts that
@@ -15,13 +15,14 @@ it), each from its own initial noise (seeds 1234, 1235, ...; the first is the su
   any right       the fraction of instances drawn right in at least one of the N samples
 
 A learner's captured fraction of the headroom is (its ISR − one sample) / (best by reward − one sample).
-Prints a table; ``--json`` writes every number.
+Prints a table; ``--json`` (default ``experiments/best_of_n.json``) writes every number. Nothing is trained here:
+`experiments/headroom.py` measures the other headroom, how far supervised flow matching (on exact renders, or on the
+model's own best samples) moves the weights in the time a run trains.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from diffrl.envs.datasets import model_data, shapes_world
 from diffrl.eval.evaluate import _sample, held_out_layouts
 from diffrl.eval.metrics import concat_info
 from diffrl.rewards.shapes import ShapesReward
+
+from _results import add_json_option, write_json  # this folder's module (a script's folder is on sys.path)
 
 
 def load(name: str):
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
                         "first model's own world)")
     parser.add_argument("--layouts", type=int, default=defaults.layouts)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--json", help="write the numbers here")
+    add_json_option(parser, __file__)
     args = parser.parse_args(argv)
     if args.world is None:  # a run's own training data (config.yaml has it resolved), or the model's world
         run_config = Path(args.models[0]) / "config.yaml"
@@ -93,8 +96,7 @@ def main(argv=None) -> int:
         results[name] = r
         print(f"{name:40s} {r['one_sample']:.3f}   {r['mean_over_noises']:.3f}   {r['best_by_reward']:.3f}        "
               f"{r['best_by_isr']:.3f}     {r['any_right']:.3f}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"world": args.world, "results": results}, indent=2) + "\n")
+    write_json(args, __file__, world=args.world, results=results)
     return 0
 
 

@@ -1,7 +1,7 @@
 """The learner comparison: one table and one picture from finished `diffrl train` runs.
 
     python experiments/learner_table.py RUN [RUN ...] [--headroom best_of_n.json] [--plot docs/learners.png]
-                                        [--json out.json]
+                                        [--json PATH]
 
 Groups the runs by learner (``algo.name`` in each run's config.yaml) and prints, per learner, the mean ± sd over
 its runs (seeds) of the final held-out ISR / mIoU / reward and their change from the base, the samples the run
@@ -9,7 +9,8 @@ learned from (iterations × layouts × group) and its wall time (both evaluation
 With ``--headroom`` (the JSON of `experiments/best_of_n.py` for the runs' base model) it adds the fraction of the
 best-of-N-by-reward headroom each learner captured: (final ISR − base ISR) / (best-by-reward ISR − base ISR).
 ``--plot`` draws held-out ISR against training seconds, one line per run, from the runs' ``eval_isr`` columns
-(runs made with ``eval.every=N``) between the base and the final evaluation.
+(runs made with ``eval.every=N``) between the base and the final evaluation. ``--json`` (default
+``experiments/learner_table.json``) writes the table's numbers per learner, unrounded, and each run's record.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import yaml
+
+from _results import add_json_option, write_json  # this folder's module (a script's folder is on sys.path)
 
 
 def read_run(run: Path) -> dict:
@@ -75,6 +78,29 @@ def table(runs: list[dict], headroom: dict | None) -> str:
     return out
 
 
+def learners(runs: list[dict], headroom: dict | None) -> dict:
+    """The table's numbers per learner, unrounded: each column's per-seed values with their mean and sd."""
+    by_algo = defaultdict(list)
+    for r in runs:
+        by_algo[r["algo"]].append(r)
+    columns = {"isr": lambda r: r["final"]["isr"], "delta_isr": lambda r: r["final"]["isr"] - r["base"]["isr"],
+               "miou": lambda r: r["final"]["miou"], "reward": lambda r: r["final"]["reward"],
+               "delta_reward": lambda r: r["final"]["reward"] - r["base"]["reward"],
+               "wrong_box": lambda r: r["final"]["verdicts"]["wrong box"],
+               "wrong_attribute": lambda r: r["final"]["verdicts"]["wrong attribute"], "wall": lambda r: r["wall"]}
+    out = {}
+    for algo, rs in sorted(by_algo.items()):
+        row = {"seeds": [r["seed"] for r in rs], "samples": rs[0]["samples"]}
+        for name, get in columns.items():
+            values = [get(r) for r in rs]
+            row[name] = {"values": values, "mean": statistics.mean(values),
+                         "sd": statistics.stdev(values) if len(values) > 1 else None}
+        if headroom:
+            row["captured"] = row["delta_isr"]["mean"] / (headroom["best_by_reward"] - runs[0]["base"]["isr"])
+        out[algo] = row
+    return out
+
+
 def plot(runs: list[dict], path: str) -> None:
     import matplotlib
 
@@ -102,7 +128,7 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--headroom", help="best_of_n.py's JSON for the runs' base model")
     parser.add_argument("--plot")
-    parser.add_argument("--json")
+    add_json_option(parser, __file__)
     args = parser.parse_args(argv)
     runs = [read_run(Path(r)) for r in args.runs]
     headroom = None
@@ -112,8 +138,7 @@ def main(argv=None) -> int:
     if args.plot:
         plot(runs, args.plot)
         print(f"wrote {args.plot}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(runs, indent=2) + "\n")
+    write_json(args, __file__, base=runs[0]["base"], headroom=headroom, learners=learners(runs, headroom), runs=runs)
     return 0
 
 

@@ -9,7 +9,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from diffrl.algos.advantages import critic_advantages, group_advantages, normalize
 from diffrl.algos.ppo import PPO
 from diffrl.algos.trainer import frozen_copy
-from diffrl.config import AlgoConfig
+from diffrl.config import AlgoConfig, PGConfig, PPOConfig
 from diffrl.policies.actor import SDEPolicyNet
 from tests.test_env_and_actor import make
 
@@ -54,10 +54,11 @@ def test_critic_advantage_and_batch_normalisation():
     torch.testing.assert_close(a, torch.tensor([-1.0, 0.0, 1.0]), atol=1e-5, rtol=0)
 
 
-def _ppo(generator, **cfg):
+def _ppo(generator, critic_lr=1e-3, critic_coef=1.0, **cfg):
     env, policy, actor, store = make(generator)
     reference = SDEPolicyNet(frozen_copy(generator), store, 0.7, 2)
-    return env, PPO(policy, reference, actor, AlgoConfig(minibatch_size=1000, **cfg))
+    return env, PPO(policy, reference, actor, AlgoConfig(minibatch_size=1000, **cfg),
+                    ppo=PPOConfig(critic_lr=critic_lr, critic_coef=critic_coef))
 
 
 def test_ppo_advantage_is_reward_minus_critic_and_critic_loss_is_squared_error(tiny_generator):
@@ -94,7 +95,7 @@ def test_anchor_is_zero_for_the_reference_and_grows_once_the_policy_moves(tiny_g
         fuser.gate_attn.data.fill_(0.5)
     env, policy, actor, store = make(generator)
     reference = SDEPolicyNet(frozen_copy(generator), store, 0.7, 2)
-    learner = GRPO(policy, reference, actor, AlgoConfig(lr=1e-3, minibatch_size=1000, anchor_steps=3))
+    learner = GRPO(policy, reference, actor, AlgoConfig(lr=1e-3, minibatch_size=1000), pg=PGConfig(anchor_steps=3))
     with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
         rollout = env.rollout(5, actor, auto_reset=True)
     with torch.no_grad():

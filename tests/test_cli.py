@@ -42,7 +42,7 @@ def test_bad_layout_file_names_the_line_and_exits_2(tmp_path, capsys):
         (["train", "--data", "missing.jsonl"], "no such file"),
         (["train", "--config", "missing.yaml"], "no such file"),
         (["eval", "--levels", "9"], "levels must be among"),
-        (["train", "--algo", "grpo", "algo.group_scale=layout"], "config algo.group_scale: 'group' or 'batch'"),
+        (["train", "--algo", "grpo", "group.scale=layout"], "config group.scale: 'group' or 'batch'"),
         (["train", "policy.window_start=0.9"], "runs past the last of 10 steps"),
     ],
 )
@@ -55,8 +55,8 @@ def test_user_errors_are_one_line_with_exit_code_2(args, message, capsys):
 @pytest.mark.parametrize("key, allowed", [
     ("model.dtype", "one of float32, bfloat16, float16"),
     ("policy.train", "'all' or 'adapter'"),
-    ("algo.log_prob_reduce", "'sum' or 'mean'"),
-    ("algo.group_scale", "'group' or 'batch'"),
+    ("pg.log_prob_reduce", "'sum' or 'mean'"),
+    ("group.scale", "'group' or 'batch'"),
     ("forward.sampler", "'ode' or 'sde'"),
     ("forward.time_sampling", "'schedule' or 'uniform'"),
     ("reward.http_format", "'png' or 'safetensors'"),
@@ -68,6 +68,71 @@ def test_a_value_outside_a_fields_choices_is_one_line_naming_the_key_and_the_cho
     with pytest.raises(UserError) as err:
         build_config({}, [(key, "nope")])
     assert str(err.value) == f"config {key}: {allowed}, got 'nope'"
+
+MOVED_KEYS = [("algo.clip_epsilon", "pg.clip_epsilon", 0.1), ("algo.log_prob_reduce", "pg.log_prob_reduce", "mean"),
+              ("algo.anchor_steps", "pg.anchor_steps", 2), ("algo.critic_lr", "ppo.critic_lr", 1e-2),
+              ("algo.critic_coef", "ppo.critic_coef", 0.5), ("algo.normalize_advantage", "ppo.normalize_advantage", False),
+              ("algo.group_scale", "group.scale", "batch"), ("algo.ldm_coef", "joint.ldm_coef", 1.0),
+              ("algo.dis_coef", "joint.dis_coef", 0.1)]
+
+
+def test_the_moved_table_names_each_old_key_once_and_only_keys_that_exist():
+    from diffrl.config import MOVED, field_help
+
+    keys = {key for key, _, _ in field_help()}
+    assert {(old, new) for old, new, _ in MOVED_KEYS} == set(MOVED.items())
+    assert not keys & set(MOVED) and set(MOVED.values()) <= keys
+
+
+@pytest.mark.parametrize("how", ["override", "yaml"])
+@pytest.mark.parametrize("old, new, value", MOVED_KEYS)
+def test_a_moved_key_is_one_line_naming_its_new_key_and_nothing_is_written(old, new, value, how, tmp_path, capsys):
+    out = tmp_path / "run"
+    if how == "override":
+        args = ["train", "--algo", "ppo", f"{old}={json.dumps(value)}", "--out", str(out)]
+    else:
+        section, key = old.split(".")
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({section: {"lr": 1e-4, key: value}}))
+        args = ["train", "--algo", "ppo", "--config", str(tmp_path / "c.yaml"), "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"config {old} is now {new}" in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pg.clip_epsilon=0", "config pg.clip_epsilon: must be > 0, got 0.0"),
+    ("pg.anchor_steps=-1", "config pg.anchor_steps: must be ≥ 0 (0: none), got -1"),
+    ("pg.log_prob_reduce=max", "config pg.log_prob_reduce: 'sum' or 'mean', got 'max'"),
+    ("ppo.critic_lr=-1", "config ppo.critic_lr and ppo.critic_coef must be ≥ 0, got -1.0, 1.0"),
+    ("ppo.critic_coef=-0.5", "config ppo.critic_lr and ppo.critic_coef must be ≥ 0, got 0.001, -0.5"),
+    ("ppo.normalize_advantage=maybe", "config ppo.normalize_advantage: expected true or false, got 'maybe'"),
+    ("group.scale=layout", "config group.scale: 'group' or 'batch', got 'layout'"),
+    ("joint.ldm_coef=-1", "config joint.ldm_coef: must be ≥ 0, got -1.0"),
+    ("joint.dis_coef=-1", "config joint.dis_coef: must be ≥ 0, got -1.0"),
+])
+def test_each_learner_section_checks_its_values_in_one_line(override, message, tmp_path, capsys):
+    assert main(["train", "--algo", "ppo", override, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_saved_before_the_split_reads_into_the_new_sections():
+    """A run folder's config.yaml from before the learner sections (resume, export, eval --checkpoint) still loads;
+    a config saved now passes through unchanged."""
+    from diffrl.config import build_config, to_dict, upgrade_saved
+
+    saved = to_dict(build_config({}, [("algo.name", "ppo")]))
+    old = {**saved, "algo": {**saved["algo"], **{o.split(".")[1]: v for o, _, v in MOVED_KEYS}}}
+    for section in ("pg", "ppo", "group", "joint"):
+        del old[section]
+    cfg = build_config(upgrade_saved(old))
+    assert [cfg.pg.clip_epsilon, cfg.pg.log_prob_reduce, cfg.pg.anchor_steps, cfg.ppo.critic_lr, cfg.ppo.critic_coef,
+            cfg.ppo.normalize_advantage, cfg.group.scale, cfg.joint.ldm_coef, cfg.joint.dis_coef] == \
+        [v for _, _, v in MOVED_KEYS]
+    assert upgrade_saved(saved) == saved
+
 
 def test_help_lists_valid_names_and_config_keys(capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -124,3 +124,30 @@ def test_an_update_moves_the_policy_away_from_the_reference(tiny_generator):
     with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
         rollout = env.rollout(5, actor, auto_reset=True)
     assert learner.update(rollout)["kl_ref"] > 0
+
+
+def test_the_kl_term_survives_torchrls_hook_without_params(tiny_generator, monkeypatch):
+    """TorchRL's main branch calls ``_get_cur_log_prob(tensordict)`` without ``params``: the override passes any
+    arguments through, so the same update gives the same KL as with 0.14's signature."""
+    import copy
+
+    from torchrl.objectives import ClipPPOLoss
+
+    def update(patch: bool) -> float:
+        generator = copy.deepcopy(tiny_generator)
+        env, policy, actor, store = make(generator)
+        reference = SDEPolicyNet(frozen_copy(tiny_generator), store, 0.7, 2)
+        learner = GRPO(policy, reference, actor, AlgoConfig(lr=1e-3, minibatch_size=1000, kl_coef=0.1))
+        torch.manual_seed(0)
+        with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+            rollout = env.rollout(5, actor, auto_reset=True)
+        learner.update(rollout)
+        if patch:  # the next release's signature: no params
+            original = ClipPPOLoss._get_cur_log_prob
+            monkeypatch.setattr(ClipPPOLoss, "_get_cur_log_prob", lambda self, td: original(self, td))
+        torch.manual_seed(1)
+        with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+            rollout = env.rollout(5, actor, auto_reset=True)
+        return learner.update(rollout)["kl_ref"]
+
+    assert update(False) == update(True) > 0

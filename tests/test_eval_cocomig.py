@@ -16,11 +16,12 @@ import yaml
 from diffrl.boxes import nms
 from diffrl.cli import main
 from diffrl.errors import UserError
-from diffrl.eval.cocomig import (HSV_RANGES, CocoMigJudge, SamSegmenter, Verdicts, box_masks, cocomig_metrics,
-                                 color_fraction, hsv_opencv, parse_layouts, split_phrase, to_uint8)
+from diffrl.eval.cocomig import (HSV_RANGES, HSV_TABLE, HSV_TABLES, CocoMigJudge, SamSegmenter, Verdicts, box_masks,
+                                 cocomig_grounder, cocomig_metrics, color_fraction, hsv_opencv, in_color, parse_layouts,
+                                 resize_like_eval_mig, split_phrase, to_uint8)
 from diffrl.eval.readers import read_layouts
 from diffrl.layout import Layout, LayoutError, write_jsonl
-from diffrl.rewards.grounder import Grounder, Grounding
+from diffrl.rewards.grounder import Grounder, Grounding, phrase_detections
 from diffrl.shapes.world import COLORS, render
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,6 +75,97 @@ def test_brown_and_partly_filled_regions():
     assert color_fraction(hsv_opencv(to_uint8(circle)), region, "red") == pytest.approx(0.785, abs=0.02)
     assert color_fraction(hsv_opencv(to_uint8(triangle)), region, "red") == pytest.approx(0.5, abs=0.03)
     assert color_fraction(hsv_opencv(to_uint8(circle)), torch.zeros(32, 32, dtype=torch.bool), "red") == 0.0
+
+
+def test_the_two_hsv_tables_by_hand():
+    """Pixels on which eval_mig.py's current table (7f5da08) and its first one (723d10e) disagree, their HSV by
+    hand as above and their colours from the tables' bounds (7f5da08 | 723d10e)."""
+    cases = [  # RGB, HSV, colours in 7f5da08, colours in 723d10e
+        ((200, 53, 0), (8, 255, 200), {"red", "brown"}, {"brown"}),  # H 53·30/200 = 7.95 → 8: red is H ≤ 9 | ≤ 6
+        ((33, 33, 33), (0, 0, 33), set(), {"black"}),  # black is V ≤ 30 | ≤ 35
+        ((0, 255, 170), (80, 255, 255), {"green"}, {"blue"}),  # H (170 + 510)·30/255 = 80: green 36–89 | blue 78–124
+        ((200, 165, 165), (0, 45, 200), set(), {"red"}),  # S 35·255/200 = 44.6 → 45: colours need S ≥ 50 | ≥ 43
+        ((255, 187, 0), (22, 255, 255), {"brown"}, {"yellow", "brown"}),  # H 22: yellow is H ≥ 25 | ≥ 20
+        ((60, 0, 0), (0, 255, 60), set(), {"red"}),  # colours need V ≥ 70 | ≥ 35
+        ((51, 0, 255), (126, 255, 255), {"blue"}, set()),  # H (51 + 1020)·30/255 = 126: blue is H ≤ 128 | ≤ 124
+        ((230, 26, 26), (0, 226, 230), {"red"}, {"red"}),  # Shapes red: red in both
+    ]
+    hsv = hsv_opencv(torch.tensor([rgb for rgb, *_ in cases]))
+    assert hsv.tolist() == [list(expected) for _, expected, *_ in cases]
+    for name, column in (("7f5da08", 2), ("723d10e", 3)):
+        found = [{c for c in HSV_TABLES[name] if in_color(hsv[i], c, name)} for i in range(len(cases))]
+        assert found == [case[column] for case in cases], name
+    assert HSV_TABLE == "7f5da08" and HSV_RANGES is HSV_TABLES["7f5da08"]
+    assert all(HSV_TABLES[t]["white"] == (((0, 0, 221), (180, 43, 255)),) for t in HSV_TABLES)  # the same in both
+    assert all(HSV_TABLES[t]["brown"] == (((6, 43, 35), (25, 255, 255)),) for t in HSV_TABLES)
+
+
+def test_the_judge_uses_the_current_table_by_default_and_the_first_on_request():
+    box = (0.0, 0.0, 1.0, 1.0)
+    images = torch.zeros(2, 3, 8, 8)
+    images[0, 0] = 60 / 255  # RGB (60, 0, 0): V 60, red only in 723d10e (V ≥ 35, not ≥ 70)
+    images[1, 0], images[1, 1] = 200 / 255, 53 / 255  # RGB (200, 53, 0): H 8, red only in 7f5da08 (H ≤ 9, not ≤ 6)
+    layouts = [Layout("dim", ["a red bar"], [box]), Layout("orange", ["a red bar"], [box])]
+    grounder = StubGrounder(images, {(0, "bar"): [(box, 0.5)], (1, "bar"): [(box, 0.5)]})
+    current = CocoMigJudge(grounder, size=None)
+    assert current.hsv_table == "7f5da08"
+    assert current(images, layouts).labels() == [["wrong colour"], ["ok"]]
+    first = CocoMigJudge(grounder, hsv_table="723d10e", size=None)
+    assert first(images, layouts).labels() == [["ok"], ["wrong colour"]]
+    for bad in (lambda: CocoMigJudge(grounder, hsv_table="HEAD"), lambda: split_phrase("a red car", "723d10"),
+                lambda: CocoMigJudge.check(layouts, "old")):
+        with pytest.raises(UserError) as err:
+            bad()
+        message = str(err.value)
+        assert "\n" not in message and "unknown COCO-MIG HSV table" in message and "7f5da08, 723d10e" in message
+    with pytest.raises(UserError, match="colour 'purple' is not in COCO-MIG's HSV table 723d10e"):
+        split_phrase("a purple car", "723d10e")
+
+
+def test_images_are_resized_to_512_as_cv2_does():
+    # Halving is the 2×2 mean, rounded half up (OpenCV: (a + b + c + d + 2) >> 2): 102/4 = 25.5 → 26, 170/4 → 43.
+    levels = torch.tensor([[10, 20, 30, 40], [30, 42, 50, 50], [0, 0, 255, 255], [0, 1, 255, 255]], dtype=torch.float)
+    half = resize_like_eval_mig(levels.div(255).expand(1, 3, 4, 4), 2)
+    assert half.mul(255).round()[0, 0].tolist() == [[26, 43], [0, 255]]
+    # Doubling samples at (x + 0.5)/2 − 0.5 (edges clamped): 0, ¼, ¾, 1 of the way from 0 to 100.
+    double = resize_like_eval_mig(torch.tensor([[0.0, 100.0]]).div(255).expand(1, 3, 1, 2), 4)
+    assert double.mul(255).round()[0, 0].tolist() == [[0, 25, 75, 100]] * 4
+    already = torch.rand(1, 3, 4, 4)
+    assert resize_like_eval_mig(already, 4) is already and resize_like_eval_mig(already, None) is already
+    # the judge resizes by default: the grounder, SAM and the colour check all see 512 × 512
+    seen = []
+
+    class Recorder(Grounder):
+        def __call__(self, images, phrases):
+            seen.append(tuple(images.shape[-2:]))
+            return [{p[0]: Grounding(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([0.9]))} for p in phrases]
+
+    def sam(image, boxes):
+        seen.append(tuple(image.shape[-2:]))
+        return torch.ones(len(boxes), *image.shape[-2:], dtype=torch.bool)
+
+    image = torch.zeros(1, 3, 64, 96)
+    image[0, 2] = 0.9  # blue
+    v = CocoMigJudge(Recorder(), sam=sam)(image, [Layout("p", ["a blue cup"], [(0.0, 0.0, 1.0, 1.0)])])
+    assert seen == [(512, 512), (512, 512)] and v.labels() == [["ok"]] and v.color_fraction.item() == 1.0
+
+
+def test_the_grounder_ranks_and_keeps_boxes_as_groundingdinos_predict(tiny_gdino):
+    """eval_mig.py's NMS ranks by groundingdino's confidence, the best probability over all tokens, and its boxes
+    are as predicted, not clipped: ``score="box"``, ``clip=False``."""
+    owner = torch.tensor([-1, 0, -1, -1])  # [CLS] car . [SEP]
+    probs = torch.full((2, 4), 0.01)
+    probs[0, 1], probs[0, 2] = 0.5, 0.8  # the dot scores above the noun: confidence 0.8 by box, 0.5 by phrase
+    probs[1, 1] = 0.6
+    boxes = torch.tensor([[0.1, 0.5, 0.4, 0.2], [0.5, 0.5, 0.2, 0.2]])  # the first runs past the left edge: x0 = −0.1
+    ours = phrase_detections(torch.logit(probs), boxes, owner, ["car"], 0.25, 0.0, score="box", clip=False)["car"]
+    torch.testing.assert_close(ours.scores, torch.tensor([0.8, 0.6]))
+    torch.testing.assert_close(ours.boxes, torch.tensor([[-0.1, 0.4, 0.3, 0.6], [0.4, 0.4, 0.6, 0.6]]))
+    default = phrase_detections(torch.logit(probs), boxes, owner, ["car"], 0.25, 0.0)["car"]
+    torch.testing.assert_close(default.scores, torch.tensor([0.5, 0.6]))
+    assert default.boxes[0, 0] == 0.0
+    grounder = cocomig_grounder(str(tiny_gdino))
+    assert (grounder.score, grounder.clip, grounder.box_threshold, grounder.text_threshold) == ("box", False, 0.25, 0.0)
 
 
 # ------------------------------------------------------------------------------------- NMS and nouns
@@ -141,7 +233,7 @@ def test_judge_by_hand():
         (1, "circle"): [((0, 0, 0.5, 0.5), 0.8)],  # IoU 1, but the circle is blue, not green → wrong colour
         (1, "square"): [((0, 0.5, 0.5, 0.8), 0.7)],  # white square: IoU 0.15/0.25 = 0.6, white inside → ok
     })  # (1, "triangle"): nothing → missed
-    v = CocoMigJudge(grounder, batch_size=3)(images, asked)
+    v = CocoMigJudge(grounder, batch_size=3, size=None)(images, asked)  # judged at 32 px, not resized to 512
     # one noun per query, each (image, noun) once, in batches of 3
     assert grounder.calls == [[["square"], ["circle"], ["triangle"]], [["square"]]]
     assert v.labels() == [["ok", "wrong box"], ["wrong colour", "missed", "ok"]]
@@ -154,7 +246,8 @@ def test_judge_by_hand():
     assert m["per_level"]["L2"] == pytest.approx({"isr": 0.5, "miou": 0.6, "instances": 2})
     assert m["per_level"]["L3"] == pytest.approx({"isr": 1 / 3, "miou": 0.2, "instances": 3})
     assert m["verdicts"] == {"ok": 2, "missed": 1, "wrong box": 1, "wrong colour": 1}  # the labels above, counted
-    both = Verdicts.cat([CocoMigJudge(grounder)(images[:1], asked[:1]), CocoMigJudge(grounder)(images[1:], asked[1:])])
+    both = Verdicts.cat([CocoMigJudge(grounder, size=None)(images[:1], asked[:1]),
+                        CocoMigJudge(grounder, size=None)(images[1:], asked[1:])])
     assert cocomig_metrics(both, asked) == m  # batch by batch, then padded and joined: the same
 
 
@@ -165,7 +258,7 @@ def test_the_colour_bar_is_20_percent_of_the_region():
     images[1, :, 0, :19] = torch.tensor([0.9, 0.1, 0.1]).view(3, 1)  # 19 → 0.19 fails
     layouts = [Layout("p", ["a red bar"], [box])] * 2
     grounder = StubGrounder(images, {(0, "bar"): [(box, 0.5)], (1, "bar"): [(box, 0.5)]})
-    v = CocoMigJudge(grounder)(images, layouts)
+    v = CocoMigJudge(grounder, size=None)(images, layouts)  # at 20 px: whole pixels, by hand
     torch.testing.assert_close(v.color_fraction, torch.tensor([[0.20], [0.19]]))
     assert v.labels() == [["ok"], ["wrong colour"]]
 
@@ -185,8 +278,8 @@ def test_sam_masks_replace_the_detected_box_and_are_prompted_with_the_target():
         masks[:, 0] = True
         return masks
 
-    by_box = CocoMigJudge(grounder)(image, layouts)
-    by_sam = CocoMigJudge(grounder, sam=sam)(image, layouts)
+    by_box = CocoMigJudge(grounder, size=None)(image, layouts)
+    by_sam = CocoMigJudge(grounder, sam=sam, size=None)(image, layouts)
     assert by_box.color_fraction.item() == pytest.approx(10 / 90) and by_box.labels() == [["wrong colour"]]
     assert by_sam.color_fraction.item() == 1.0 and by_sam.labels() == [["ok"]]
     assert prompts == [[list(target)]]
@@ -386,7 +479,8 @@ def test_cli_judges_cocomig_end_to_end(tmp_path, tiny_gdino, tiny_sam, saved_gen
                  "--reward-model", str(tiny_gdino), "--sam-model", str(tiny_sam), "--steps", "2", "--out", str(out),
                  "--quiet"]) == 0
     metrics = json.loads(out.read_text())
-    assert set(metrics) == {"isr", "miou", "reward", "per_level", "verdicts"} and metrics["reward"] is None
+    assert set(metrics) == {"isr", "miou", "reward", "per_level", "verdicts", "hsv_table"} and metrics["reward"] is None
+    assert metrics["hsv_table"] == "7f5da08"  # the default table, recorded
     assert {level: block["instances"] for level, block in metrics["per_level"].items()} == {"L2": 2, "L3": 3}
     assert 0 <= metrics["isr"] <= 1 and 0 <= metrics["miou"] <= 1
     report = (out.parent / "eval.html").read_text()
@@ -396,6 +490,7 @@ def test_cli_judges_cocomig_end_to_end(tmp_path, tiny_gdino, tiny_sam, saved_gen
     assert len(verdicts) == 5
     assert metrics["verdicts"] == {label: verdicts.count(label) for label in ("ok", "missed", "wrong box", "wrong colour")}
     assert "a photo of a green triangle and a white square and a black circle" in report
+    assert "<td>HSV table</td><td>7f5da08 (the color_dict of eval_mig.py at MIG_Bench commit 7f5da08)</td>" in report
     printed = capsys.readouterr().out
     assert "L3" in printed and f"wrote {out}" in printed
     assert sum(int(n) for n in re.findall(r"(?:ok|wrong box|wrong colour|missed): (\d+)", printed)) == 5
@@ -421,6 +516,31 @@ def test_cli_cocomig_errors_are_one_line(tmp_path, capsys):
     assert len(err) == 1 and "colour 'purple' is not in COCO-MIG's HSV table" in err[0]  # before any weights load
     assert main(["eval", "--data", str(data), "--sam-model", str(empty)]) == 2
     assert "--sam-model is for --judge cocomig" in capsys.readouterr().err
+
+
+def test_cli_hsv_table_reaches_the_judge(tmp_path, tiny_gdino):
+    from diffrl.cli import _eval_judge, build_parser
+    from diffrl.eval.readers import read_layouts
+
+    data = _cocomig_file(tmp_path)
+    for extra, expected in (([], "7f5da08"), (["--hsv-table", "723d10e"], "723d10e")):
+        args = build_parser().parse_args(["eval", "--data", str(data), "--judge", "cocomig", "--reward-model",
+                                          str(tiny_gdino), *extra])
+        judge = _eval_judge(args, read_layouts(data))
+        assert isinstance(judge, CocoMigJudge) and judge.hsv_table == expected
+
+
+def test_cli_bad_hsv_table_is_one_line(tmp_path, capsys):
+    data, empty = _cocomig_file(tmp_path), tmp_path / "empty"
+    empty.mkdir()
+    # an unknown table fails before the (missing) weights load
+    assert main(["eval", "--data", str(data), "--judge", "cocomig", "--hsv-table", "063ec45", "--reward-model",
+                 str(empty)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown COCO-MIG HSV table '063ec45': choose one of 7f5da08, 723d10e" in err[0]
+    assert main(["eval", "--data", str(data), "--hsv-table", "723d10e"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--hsv-table is for --judge cocomig" in err[0]
 
 
 def test_cli_without_detector_weights_offline_is_one_line(tmp_path):

@@ -13,7 +13,7 @@ from diffrl.algos.grpo import GRPO
 from diffrl.algos.sft_learner import SFT
 from diffrl.algos.trainer import frozen_copy, paired_renders
 from diffrl.cli import main
-from diffrl.config import AlgoConfig
+from diffrl.config import AlgoConfig, JointConfig
 from diffrl.errors import UserError
 from diffrl.policies.actor import OBSERVATION_KEYS, SDEPolicyNet
 from diffrl.policies.backbones.tiny import PACKAGED
@@ -236,7 +236,7 @@ def test_rl_learner_adds_dis_coef_times_l_dis_of_each_minibatch_forward_and_logs
     generator = _idm_generator(tiny_generator)
     env, policy, actor, store = make(generator)
     learner = GRPO(policy, SDEPolicyNet(frozen_copy(generator), store, 0.7, 2), actor,
-                   AlgoConfig(minibatch_size=1000, lr=0.0, dis_coef=0.5))
+                   AlgoConfig(minibatch_size=1000, lr=0.0), joint=JointConfig(dis_coef=0.5))
     with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
         rollout = env.rollout(5, actor, auto_reset=True)
     expected = []  # lr = 0: each window step's minibatch forward, redone by hand
@@ -254,16 +254,17 @@ def test_rl_learner_adds_dis_coef_times_l_dis_of_each_minibatch_forward_and_logs
 def test_dis_coef_without_idm_is_a_one_line_user_error(tiny_generator, saved_generator, tmp_path, capsys):
     env, policy, actor, store = make(tiny_generator)
     with pytest.raises(UserError, match="diffrl pretrain --idm"):
-        GRPO(policy, SDEPolicyNet(frozen_copy(tiny_generator), store, 0.7, 2), actor, AlgoConfig(dis_coef=0.1))
+        GRPO(policy, SDEPolicyNet(frozen_copy(tiny_generator), store, 0.7, 2), actor, AlgoConfig(),
+             joint=JointConfig(dis_coef=0.1))
     code = main(["train", "--model", str(saved_generator), "--algo", "grpo", "--iterations", "1",
-                 "--out", str(tmp_path / "run"), "--quiet", "algo.dis_coef=0.1", "env.layouts_per_iter=2",
+                 "--out", str(tmp_path / "run"), "--quiet", "joint.dis_coef=0.1", "env.layouts_per_iter=2",
                  "env.num_steps=3", "eval.layouts=2"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "algo.dis_coef=0.1 needs a generator with IDM" in err[0], err
+    assert len(err) == 1 and "joint.dis_coef=0.1 needs a generator with IDM" in err[0], err
     assert not (tmp_path / "run").exists()  # caught before the run folder is made
-    assert main(["train", "--algo", "ppo", "algo.dis_coef=-1"]) == 2
-    assert "algo.dis_coef: must be ≥ 0" in capsys.readouterr().err
+    assert main(["train", "--algo", "ppo", "joint.dis_coef=-1"]) == 2
+    assert "joint.dis_coef: must be ≥ 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dis_coef", [0.0, 1.0])
@@ -271,7 +272,7 @@ def test_sft_trains_on_l_ldm_plus_dis_coef_times_l_dis(tiny_generator, dis_coef)
     generator = _idm_generator(tiny_generator)
     env, policy, actor, store = make(generator)
     learner = SFT(policy, SDEPolicyNet(frozen_copy(generator), store, 0.7, 2), actor,
-                  AlgoConfig(minibatch_size=1000, lr=1e-3, epochs=1, dis_coef=dis_coef))
+                  AlgoConfig(minibatch_size=1000, lr=1e-3, epochs=1), joint=JointConfig(dis_coef=dis_coef))
     with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
         rollout = env.rollout(5, actor, auto_reset=True)
     idm_fc = generator.denoiser.adapter.fusers[0].idm.fc[-1].weight

@@ -1,4 +1,4 @@
-"""I-DRUID's L_ldm beside RL (algo.ldm_coef) and alone (--algo sft), on paired renders of the Shapes world."""
+"""I-DRUID's L_ldm beside RL (joint.ldm_coef) and alone (--algo sft), on paired renders of the Shapes world."""
 
 import copy
 import json
@@ -11,16 +11,16 @@ from diffrl.algos.sft import flow_matching_loss
 from diffrl.algos.sft_learner import SFT
 from diffrl.algos.trainer import frozen_copy, paired_renders
 from diffrl.cli import main
-from diffrl.config import AlgoConfig
+from diffrl.config import AlgoConfig, JointConfig
 from diffrl.policies.actor import SDEPolicyNet
 from diffrl.shapes.world import render
 from tests.test_env_and_actor import make
 
 
-def _rollout(generator, learner_cls, **cfg):
+def _rollout(generator, learner_cls, ldm_coef=0.0, **cfg):
     env, policy, actor, store = make(generator)
     learner = learner_cls(policy, SDEPolicyNet(frozen_copy(generator), store, 0.7, 2), actor,
-                          AlgoConfig(minibatch_size=1000, **cfg))
+                          AlgoConfig(minibatch_size=1000, **cfg), joint=JointConfig(ldm_coef=ldm_coef))
     with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
         rollout = env.rollout(5, actor, auto_reset=True)
     return learner, rollout, store
@@ -74,7 +74,27 @@ def test_sft_runs_through_the_cli_and_needs_paired_data(tmp_path, saved_generato
     layouts = tmp_path / "layouts.jsonl"
     layouts.write_text(json.dumps({"prompt": "a red square", "phrases": ["red square"], "boxes": [[0.1, 0.1, 0.5, 0.5]]}) + "\n")
     capsys.readouterr()
-    assert main(["train", "--algo", "grpo", "--data", str(layouts), "algo.ldm_coef=1", "--out", str(tmp_path / "x")]) == 2
+    assert main(["train", "--algo", "grpo", "--data", str(layouts), "joint.ldm_coef=1", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "need paired images" in err[0], err
     assert not (tmp_path / "x").exists()
+
+
+def test_sft_trains_in_its_models_loose_world_and_its_export_keeps_the_world(tmp_path, saved_generator):
+    """With no --data, a model pre-trained in the loose world (its pretrain.json) trains SFT on that world's paired
+    renders, and `diffrl export` carries the record, so the exported folder's default data is the same world."""
+    import shutil
+
+    from diffrl.envs.datasets import model_data
+
+    model = tmp_path / "loose-model"
+    shutil.copytree(saved_generator, model)
+    (model / "pretrain.json").write_text(json.dumps({"config": {"world": "loose"}, "log": []}) + "\n")
+    run = tmp_path / "sft"
+    assert main(["train", "--model", str(model), "--algo", "sft", "--iterations", "1", "--out", str(run), "--quiet",
+                 "env.layouts_per_iter=2", "env.num_steps=3", "eval.layouts=5", "eval.grid=2"]) == 0
+    assert "data: shapes-loose" in (run / "config.yaml").read_text()
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss_ldm"] > 0
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert model_data(str(out)) == "shapes-loose" and model_data(str(saved_generator)) == "shapes"

@@ -37,8 +37,11 @@ def write(tmp_path, data, name="sweep.yaml"):
     ({"seeds": [0, 0]}, "seeds: expected a list of distinct integers"),
     ({"rows": {"a": {"model.name": "idm"}}}, "rows a: model.name 'idm': not a registered model"),
     ({"models": {"idm": {"pretrain": {"stepz": 3}}}}, "unknown key of models idm: pretrain 'stepz'; did you mean steps?"),
-    ({"models": {"m": {"pretrain": {"steps": 2}}}, "rows": {"a": {"model.name": "m", "algo.name": "ppo", "algo.dis_coef": 0.1}}},
-     "algo.dis_coef needs a generator with IDM"),
+    ({"models": {"m": {"pretrain": {"steps": 2}}}, "rows": {"a": {"model.name": "m", "algo.name": "ppo", "joint.dis_coef": 0.1}}},
+     "joint.dis_coef needs a generator with IDM"),
+    ({"rows": {"IDM+PPO": {"algo.dis_coef": 0.1}}}, "rows IDM+PPO: config algo.dis_coef is now joint.dis_coef"),
+    ({"base": {"algo": {"clip_epsilon": 0.1}}}, "config algo.clip_epsilon is now pg.clip_epsilon"),
+    ({"grid": {"algo.group_scale": ["group", "batch"]}}, "config algo.group_scale is now group.scale"),
     ({"metrics": ["isr_L9"]}, "unknown metric 'isr_L9'"),
     ({"leakage_layouts": 0, "metrics": ["leakage"]}, "metrics: leakage needs leakage_layouts > 0"),
     ({"grid": {"algo.lr": []}}, "grid algo.lr: expected a non-empty list"),
@@ -110,7 +113,7 @@ def test_tiny_sweep_on_ray_tune_writes_the_results_and_resumes_only_what_did_not
     sweep = {"name": "tiny", "base": TINY, "seeds": [0], "leakage_layouts": 4,
              "models": {"idm": {"pretrain": {"idm": True, "init": "shapes-tiny", "steps": 1, "batch_size": 2,
                                              "eval_every": 0}}},
-             "rows": {"GRPO": {}, "IDM+GRPO": {"model.name": "idm", "algo.dis_coef": 0.1}},
+             "rows": {"GRPO": {}, "IDM+GRPO": {"model.name": "idm", "joint.dis_coef": 0.1}},
              "metrics": ["isr_L2", "isr_L3", "miou", "leakage"]}
     path, out = write(tmp_path, sweep), tmp_path / "out"
     assert main(["sweep", str(path), "--out", str(out)]) == 0
@@ -123,7 +126,7 @@ def test_tiny_sweep_on_ray_tune_writes_the_results_and_resumes_only_what_did_not
     results = {t: json.loads((run / "result.json").read_text()) for t, run in trials.items()}
     assert all(r["iterations"] == 1 and 0 <= r["leakage"] <= 1 and 0 <= r["isr_L3"] <= 1 for r in results.values())
     idm_config = yaml.safe_load((trials["idm-grpo-seed0"] / "config.yaml").read_text())
-    assert idm_config["model"]["name"] == str(out / "models" / "idm") and idm_config["algo"]["dis_coef"] == 0.1
+    assert idm_config["model"]["name"] == str(out / "models" / "idm") and idm_config["joint"]["dis_coef"] == 0.1
     rows = {(r["row"], r["seed"]): r for r in csv.DictReader((out / "results.csv").open())}
     assert float(rows["GRPO", "0"]["miou"]) == pytest.approx(results["grpo-seed0"]["miou"], rel=1e-5)
     assert float(rows["GRPO", "mean"]["leakage"]) == pytest.approx(results["grpo-seed0"]["leakage"], abs=1e-6)

@@ -327,7 +327,7 @@ def test_a_gligen_folder_grounds_with_its_own_fusers_and_idm_needs_an_adapter(gl
     both = build_generator(ModelConfig(name=str(gligen_folder), adapter=str(tmp_path / "adapter"), idm=True))
     assert both.denoiser.gligen and both.denoiser.adapter.config.idm
     run = tmp_path / "run"
-    assert main(["train", "--model", str(gligen_folder), "--out", str(run), "algo.dis_coef=0.1"]) == 2
+    assert main(["train", "--model", str(gligen_folder), "--out", str(run), "joint.dis_coef=0.1"]) == 2
 
 
 SMALL = {"env": {"layouts_per_iter": 2, "group_size": 2, "num_steps": 3},
@@ -360,7 +360,7 @@ def test_joint_loss_with_a_fresh_idm_trains_a_saved_sd15_folder(sd_folder, tmp_p
     run = tmp_path / "run"
     code = main(["train", "--model", str(sd_folder), "--algo", "ppo", "--iterations", "2", "--out", str(run),
                  "--config", str(config), "--quiet", "policy.noise_level=1.0", "model.idm=true",
-                 "algo.dis_coef=0.1", "algo.ldm_coef=0.5"])
+                 "joint.dis_coef=0.1", "joint.ldm_coef=0.5"])
     assert code == 0
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for line in lines:
@@ -370,7 +370,7 @@ def test_joint_loss_with_a_fresh_idm_trains_a_saved_sd15_folder(sd_folder, tmp_p
 
 def test_dis_coef_without_idm_on_a_plain_sd15_folder_is_one_line(sd_folder, tmp_path, capsys):
     code = main(["train", "--model", str(sd_folder), "--algo", "ppo", "--out", str(tmp_path / "run"), "--quiet",
-                 "algo.dis_coef=0.1"])
+                 "joint.dis_coef=0.1"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "model.idm=true" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()

@@ -13,11 +13,12 @@ generator folder instead (``--model DIR`` loads it), or for a diffusers model it
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 
 from diffrl.algos.checkpoint import latest_checkpoint, read_checkpoint
-from diffrl.config import TrainConfig, build_config, load_yaml
+from diffrl.config import TrainConfig, build_config, load_yaml, upgrade_saved
 from diffrl.errors import UserError
 from diffrl.policies.generator import (CLASS_NAME, FLUX_CLASS, SD3_CLASS, LayoutGenerator, build_generator, read_index,
                                       resolve_model)
@@ -29,7 +30,7 @@ def load_run(run: Path) -> tuple[TrainConfig, LayoutGenerator]:
     ckpt = latest_checkpoint(run / "checkpoints")
     if ckpt is None or not (run / "config.yaml").is_file():
         raise UserError(f"{run}: no config.yaml and checkpoints/ there; pass a run folder of `diffrl train`")
-    cfg = build_config(load_yaml(run / "config.yaml"))
+    cfg = build_config(upgrade_saved(load_yaml(run / "config.yaml")))
     generator = build_generator(cfg.model, cfg.policy.train)
     weights = {k[len("denoiser."):]: v for k, v in read_checkpoint(ckpt)[0].items() if k.startswith("denoiser.")}
     denoiser = generator.denoiser
@@ -45,7 +46,8 @@ def export_run(run: str | Path, out: str | Path) -> list[Path]:
         raise UserError(f"--out {out} is not empty; pass a new folder")
     out.mkdir(parents=True, exist_ok=True)
     denoiser = generator.denoiser
-    kind = read_index(resolve_model(cfg.model.name)).get("_class_name")
+    base = resolve_model(cfg.model.name)
+    kind = read_index(base).get("_class_name")
     written = []
     if has_lora(denoiser):
         from peft.utils import get_peft_model_state_dict
@@ -71,6 +73,9 @@ def export_run(run: str | Path, out: str | Path) -> list[Path]:
     elif kind == CLASS_NAME:
         generator.save_pretrained(out)
         written.append(out / "model_index.json")
+        if (record := base / "pretrain.json").is_file():  # its world: env.data='' reads it
+            shutil.copyfile(record, out / "pretrain.json")
+            written.append(out / "pretrain.json")
     else:
         name = "transformer" if kind in (SD3_CLASS, FLUX_CLASS) else "unet"
         backbone_of(denoiser).save_pretrained(out / name)

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from diffrl.algos.advantages import group_advantages
-from diffrl.config import AlgoConfig, ForwardConfig
+from diffrl.config import AlgoConfig, ForwardConfig, GroupConfig
 from diffrl.distributed.learners import WHOLE, GradSum, Logs, weigh
 from diffrl.errors import UserError
 from diffrl.policies.generator import LayoutGenerator
@@ -146,10 +146,12 @@ class ForwardLearner:
 
     name = "forward"
     shard = WHOLE  # this process is the only learner; `diffrl.distributed.learners` sets a Shard in each of N
+    sections: tuple[str, ...] = ("group",)  # beside algo and forward, passed by name (see `Learner.sections`)
 
     def __init__(self, generator: LayoutGenerator, reference: LayoutGenerator, store: ConditionStore,
-                 cfg: AlgoConfig, fwd: ForwardConfig, times: Tensor):
+                 cfg: AlgoConfig, fwd: ForwardConfig, times: Tensor, *, group: GroupConfig | None = None):
         self.generator = generator
+        self.group = group or GroupConfig()
         self.reference = reference
         self.store = store
         self.cfg = cfg
@@ -170,7 +172,7 @@ class ForwardLearner:
     def update(self, rollout: TensorDictBase, paired=None) -> dict[str, float]:
         samples = FinalSamples.of(rollout)
         with torch.no_grad():
-            advantages = group_advantages(samples.rewards, samples.layout_index, scale=self.cfg.group_scale)
+            advantages = group_advantages(samples.rewards, samples.layout_index, scale=self.group.scale)
         b = samples.x0.shape[0]
         k = self.fwd.timesteps if self.times is None else min(self.fwd.timesteps, self.times.numel())
         logs = self.shard.logs()
@@ -252,9 +254,9 @@ class NFT(ForwardLearner):
 
     name = "nft"
 
-    def __init__(self, generator, reference, store, cfg, fwd, times):
+    def __init__(self, generator, reference, store, cfg, fwd, times, **sections):
         require_flow(cfg.name, generator)
-        super().__init__(generator, reference, store, cfg, fwd, times)
+        super().__init__(generator, reference, store, cfg, fwd, times, **sections)
         denoiser = generator.denoiser
         self.old = OldWeights({name: p for name, p in denoiser.named_parameters() if p.requires_grad})
 

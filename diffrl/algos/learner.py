@@ -9,10 +9,10 @@ closed-form: ‖μ_θ − μ_ref‖² / (2σ²).
 A subclass defines ``advantages(batch, rewards)`` (and may add a critic); `Learner.update` takes one
 iteration's rollout ``[B, T]``, keeps the RL-window steps, and runs ``epochs`` passes of minibatches.
 
-I-DRUID trains the actor on the joint loss ``L_act = L_ldm + λ_dis·L_dis + λ_rl·L_rl``; here ``algo.ldm_coef`` = λ
+I-DRUID trains the actor on the joint loss ``L_act = L_ldm + λ_dis·L_dis + λ_rl·L_rl``; here ``joint.ldm_coef`` = λ
 weighs ``L_ldm`` (`diffrl.algos.sft.flow_matching_loss` on paired renders of the iteration's layouts) against
 ``L_rl`` (weight 1), added once per optimizer step; 0 (the default) trains on ``L_rl`` alone.
-``algo.dis_coef`` = λ_dis adds the IDC loss ``L_dis`` (`diffrl.policies.idm`) of the very forward that scores each
+``joint.dis_coef`` = λ_dis adds the IDC loss ``L_dis`` (`diffrl.policies.idm`) of the very forward that scores each
 minibatch — the policy on the rollout's own states, so it needs no paired images — as ``loss_dis``; it needs a
 generator whose layout adapter has IDM (`require_idm`).
 """
@@ -25,7 +25,7 @@ from torch import nn
 from torchrl.objectives import ClipPPOLoss
 
 from diffrl.algos.sft import Paired, flow_matching_loss
-from diffrl.config import AlgoConfig
+from diffrl.config import AlgoConfig, JointConfig, PGConfig, PPOConfig
 from diffrl.distributed.learners import WHOLE, GradSum, Logs, weigh
 from diffrl.errors import UserError
 from diffrl.policies.actor import LOG_PROB_KEY, OBSERVATION_KEYS, SDEPolicyNet
@@ -45,14 +45,21 @@ class RefKLClipPPOLoss(ClipPPOLoss):
         self.moments = False  # --learners N: also give the critic's target/residual moments (explained_variance's parts)
         self._dist = None
 
-    def _get_cur_log_prob(self, tensordict, params=None):
-        log_prob, dist, is_composite = super()._get_cur_log_prob(tensordict, params)
-        self._dist = dist  # kept for the KL term: the current mean and std at these states
-        return log_prob, dist, is_composite
+    def _get_cur_log_prob(self, tensordict, *args, **kwargs):
+        # TorchRL's private hook, overridden to keep the current distribution for the KL term (its mean and std at
+        # these states) without a second forward pass. Its arguments changed between releases (0.14 passes
+        # ``params``, its main branch does not), so whatever it is given passes through, and the distribution is
+        # found among what it returns by type, not by position.
+        result = super()._get_cur_log_prob(tensordict, *args, **kwargs)
+        self._dist = next(x for x in result if isinstance(x, torch.distributions.Distribution))
+        return result
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         out = super().forward(tensordict)
         dist, self._dist = self._dist, None
+        if dist is None:
+            raise RuntimeError("TorchRL's ClipPPOLoss no longer calls _get_cur_log_prob; the KL term needs the current "
+                               "distribution (diffrl.algos.learner.RefKLClipPPOLoss)")
         (reference,) = self._reference
         with torch.no_grad():
             ref_mean, _ = reference(*(tensordict[k] for k in OBSERVATION_KEYS))
@@ -71,43 +78,48 @@ class RefKLClipPPOLoss(ClipPPOLoss):
         return out
 
 
-def require_idm(cfg: AlgoConfig, generator) -> None:
-    """``algo.dis_coef > 0`` needs IDM in the generator's layout adapter (a user error otherwise)."""
+def require_idm(cfg: JointConfig, generator) -> None:
+    """``joint.dis_coef > 0`` needs IDM in the generator's layout adapter (a user error otherwise)."""
     if cfg.dis_coef > 0 and getattr(generator.denoiser, "adapter", None) is None:  # GLIGEN's own fusers only
-        raise UserError(f"config algo.dis_coef={cfg.dis_coef} needs IDM, which lives in diffrl's layout adapter, and this "
+        raise UserError(f"config joint.dis_coef={cfg.dis_coef} needs IDM, which lives in diffrl's layout adapter, and this "
                         "GLIGEN model grounds through its own gated fusers without one: pass model.adapter=FOLDER "
-                        "(a layout adapter with IDM for this UNet), or set algo.dis_coef=0")
+                        "(a layout adapter with IDM for this UNet), or set joint.dis_coef=0")
     if cfg.dis_coef > 0 and not generator.denoiser.adapter.config.idm:
-        raise UserError(f"config algo.dis_coef={cfg.dis_coef} needs a generator with IDM, and this one has none: "
+        raise UserError(f"config joint.dis_coef={cfg.dis_coef} needs a generator with IDM, and this one has none: "
                         "add a fresh one with model.idm=true, or pre-train one with `diffrl pretrain --idm` (--init MODEL "
-                        "adds IDM to a trained generator) and pass it as --model, or set algo.dis_coef=0")
+                        "adds IDM to a trained generator) and pass it as --model, or set joint.dis_coef=0")
 
 
 class Learner:
-    """The update loop shared by the clipped-surrogate learners."""
+    """The update loop shared by the clipped-surrogate learners. Beside ``algo`` (``cfg``) a learner reads the config
+    sections it names in ``sections``, which the trainer passes by name (left out: their defaults)."""
 
     name = "base"
     shard = WHOLE  # this process is the only learner; `diffrl.distributed.learners` sets a Shard in each of N
+    sections: tuple[str, ...] = ("pg", "joint")
 
-    def __init__(self, policy: SDEPolicyNet, reference: SDEPolicyNet, actor, cfg: AlgoConfig, critic=None):
-        require_idm(cfg, policy.generator)
+    def __init__(self, policy: SDEPolicyNet, reference: SDEPolicyNet, actor, cfg: AlgoConfig, critic=None, *,
+                 pg: PGConfig | None = None, joint: JointConfig | None = None, ppo: PPOConfig | None = None):
+        self.pg, self.joint = pg or PGConfig(), joint or JointConfig()
+        require_idm(self.joint, policy.generator)
         self.policy = policy
         self.reference = reference
         self.cfg = cfg
         self.critic = critic
+        ppo = ppo or PPOConfig()  # the critic's settings, read only with a critic
         self.loss = RefKLClipPPOLoss(
             actor,
             critic,
             reference=reference,
             kl_coef=cfg.kl_coef,
-            log_prob_reduce=cfg.log_prob_reduce,
-            clip_epsilon=cfg.clip_epsilon,
-            critic_coeff=cfg.critic_coef if critic is not None else None,
+            log_prob_reduce=self.pg.log_prob_reduce,
+            clip_epsilon=self.pg.clip_epsilon,
+            critic_coeff=ppo.critic_coef if critic is not None else None,
             loss_critic_type="l2",
         )
         groups = [{"params": [p for p in policy.generator.denoiser.parameters() if p.requires_grad], "lr": cfg.lr}]
         if critic is not None:
-            groups.append({"params": list(critic.parameters()), "lr": cfg.critic_lr})
+            groups.append({"params": list(critic.parameters()), "lr": ppo.critic_lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -134,15 +146,15 @@ class Learner:
 
     def ldm_loss(self, paired: Paired | None) -> torch.Tensor | None:
         """``ldm_coef · L_ldm`` on the paired renders, or None when off."""
-        if paired is None or not self.cfg.ldm_coef:
+        if paired is None or not self.joint.ldm_coef:
             return None
-        return self.cfg.ldm_coef * flow_matching_loss(self.policy.generator, paired.latents, paired.cond)
+        return self.joint.ldm_coef * flow_matching_loss(self.policy.generator, paired.latents, paired.cond)
 
     def dis_loss(self) -> torch.Tensor | None:
         """``dis_coef · L_dis`` of the policy's last forward, or None when off."""
-        if not self.cfg.dis_coef:
+        if not self.joint.dis_coef:
             return None
-        return self.cfg.dis_coef * self.policy.generator.denoiser.adapter.last_dis
+        return self.joint.dis_coef * self.policy.generator.denoiser.adapter.last_dis
 
     def update(self, rollout: TensorDictBase, paired: Paired | None = None) -> dict[str, float]:
         """Epochs over the window steps in random order; a minibatch never mixes denoising steps and keeps
@@ -193,7 +205,7 @@ class Learner:
             if shard.rank == 0:
                 grads.backward(ldm)
             logs.add(slot, Logs.STEP, "loss_ldm", ldm, None)
-        if self.cfg.anchor_steps and rollout.shape[1] > self.policy.window_end:  # joins this step's gradient
+        if self.pg.anchor_steps and rollout.shape[1] > self.policy.window_end:  # joins this step's gradient
             steps = self.anchor_draw(rollout)  # drawn by every learner alike
             b = rollout.shape[0]
             for piece in shard.pieces([(slot, 0, 0)], b, b, self.cfg.micro_batch):
@@ -208,7 +220,7 @@ class Learner:
     def anchor_draw(self, rollout: TensorDictBase) -> torch.Tensor:
         """``anchor_steps`` random steps *after* the window."""
         end = self.policy.window_end
-        return end + torch.randperm(rollout.shape[1] - end)[: self.cfg.anchor_steps]
+        return end + torch.randperm(rollout.shape[1] - end)[: self.pg.anchor_steps]
 
     def anchor_loss(self, rollout: TensorDictBase, rows: slice = slice(None), steps: torch.Tensor | None = None):
         """KL to the reference at the post-window ``steps`` (drawn when not given), scored as if they carried the

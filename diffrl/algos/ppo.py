@@ -14,7 +14,7 @@ from torch import Tensor
 
 from diffrl.algos.advantages import critic_advantages, normalize
 from diffrl.algos.learner import Learner
-from diffrl.config import AlgoConfig
+from diffrl.config import AlgoConfig, PPOConfig
 from diffrl.policies.actor import SDEPolicyNet
 from diffrl.policies.critic import ValueNet, make_critic
 from diffrl.registry import ALGOS
@@ -23,13 +23,16 @@ from diffrl.registry import ALGOS
 @ALGOS.register("ppo")
 class PPO(Learner):
     name = "ppo"
+    sections = ("pg", "joint", "ppo")
 
-    def __init__(self, policy: SDEPolicyNet, reference: SDEPolicyNet, actor, cfg: AlgoConfig):
+    def __init__(self, policy: SDEPolicyNet, reference: SDEPolicyNet, actor, cfg: AlgoConfig, *,
+                 ppo: PPOConfig | None = None, **sections):
         generator = policy.generator
         value_net = ValueNet(policy.store, generator.latent_shape[0], generator.text.pooled_dim)
-        super().__init__(policy, reference, actor, cfg, critic=make_critic(value_net))
+        self.ppo = ppo or PPOConfig()
+        super().__init__(policy, reference, actor, cfg, critic=make_critic(value_net), ppo=self.ppo, **sections)
 
     def advantages(self, batch: TensorDict, rewards: Tensor) -> Tensor:
         values = self.critic(batch.select(*self.critic.in_keys).clone())["state_value"].squeeze(-1)  # [N] φ(s_t)
         advantage = critic_advantages(rewards, values)
-        return normalize(advantage) if self.cfg.normalize_advantage else advantage
+        return normalize(advantage) if self.ppo.normalize_advantage else advantage

@@ -46,11 +46,12 @@ def build_learner(cfg: TrainConfig, generator: LayoutGenerator, store: Condition
     algo_cls = ALGOS.get(cfg.algo.name)
     algo = replace(cfg.algo, micro_batch=micro_batch(cfg))  # the same pieces of a minibatch in every learner process
     policy = SDEPolicyNet(generator, store, cfg.policy.noise_level, *rollout_window(cfg))
-    actor = make_actor(policy, env.action_spec, algo.log_prob_reduce)
+    actor = make_actor(policy, env.action_spec, cfg.pg.log_prob_reduce)
+    sections = {name: getattr(cfg, name) for name in algo_cls.sections}  # the learner's own config sections
     if is_forward_learner(cfg):  # AWM / NFT: the flow-matching loss on final samples, no actor to score
-        return algo_cls(generator, frozen_copy(generator), store, algo, cfg.forward, env.sigmas), actor
+        return algo_cls(generator, frozen_copy(generator), store, algo, cfg.forward, env.sigmas, **sections), actor
     reference = SDEPolicyNet(frozen_copy(generator), store, cfg.policy.noise_level, *rollout_window(cfg))
-    return algo_cls(policy, reference, actor, algo), actor
+    return algo_cls(policy, reference, actor, algo, **sections), actor
 
 
 def learner_replica(cfg: TrainConfig, device: torch.device, initial: dict[str, torch.Tensor]):

@@ -4,7 +4,7 @@
 
 (the noising and the target come from the generator's sampler, so an ε-predicting UNet gets its own), with
 t drawn logit-normally (SD3's default training density). Used by `diffrl pretrain`, by the RL
-learners' joint loss (``algo.ldm_coef``) and by `SFT` (``--algo sft``: I-DRUID's supervised ablation row,
+learners' joint loss (``joint.ldm_coef``) and by `SFT` (``--algo sft``: I-DRUID's supervised ablation row,
 trained in the same loop as RL — same layouts per iteration, same rollouts logged — with L_ldm alone).
 """
 

@@ -2,7 +2,7 @@
 
 It runs in the RL loop so that it sees exactly what an RL learner sees (the same layouts per iteration,
 the same logged rollouts and evaluations); each optimizer step is ``epochs`` steps of
-``L_ldm`` on the iteration's layouts, and no RL term, critic or reference KL. With ``algo.dis_coef`` > 0 (a generator
+``L_ldm`` on the iteration's layouts, and no RL term, critic or reference KL. With ``joint.dis_coef`` > 0 (a generator
 with IDM) each step's loss is ``L_ldm + λ_dis·L_dis``, L_dis from the same forward, logged as ``loss_dis``.
 """
 
@@ -22,8 +22,8 @@ from diffrl.registry import ALGOS
 class SFT(Learner):
     name = "sft"
 
-    def __init__(self, policy: SDEPolicyNet, reference: SDEPolicyNet, actor, cfg: AlgoConfig):
-        super().__init__(policy, reference, actor, cfg, critic=None)
+    def __init__(self, policy: SDEPolicyNet, reference: SDEPolicyNet, actor, cfg: AlgoConfig, **sections):
+        super().__init__(policy, reference, actor, cfg, critic=None, **sections)
 
     def update(self, rollout: TensorDictBase, paired: Paired | None = None) -> dict[str, float]:
         if paired is None:

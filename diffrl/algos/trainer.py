@@ -3,10 +3,15 @@
 A run folder holds:
     config.yaml          the resolved configuration
     metrics.jsonl        one line per iteration (reward mean/std, losses, KL, clip fraction, seconds)
-    tb/                  TensorBoard events of the same scalars
+    tb/                  TensorBoard events: the same scalars (train/…), every evaluation's (eval/…: base at 0, final at
+                         the last iteration, eval.every's between) and the pictures below
     checkpoints/         atomic safetensors checkpoints (weights, optimizer, RNGs, iteration)
-    samples_before.png   held-out samples of the base model, target boxes drawn over
+    base.json            the base evaluation (and the wall time so far), what a resumed run reads
+    samples_before.png   the first eval.grid held-out samples of the base model: target boxes drawn over, the prompt
+                         under each, failed instances dashed with a red badge (`diffrl.eval.visualize`)
+    samples_before.pt    those samples (uint8, tile-sized) and their verdicts, for before_after.png after a resume
     samples_after.png    the same layouts and noise after training
+    before_after.png     the two side by side (base left, trained right) under each side's ISR and verdict counts
     summary.json         {"base": M, "final": M, "iterations", "wall_seconds", "eval_layouts", "eval_data",
                           "held_out", "judge"}; the evaluation set is ``eval.data``'s (`diffrl.eval.data`)
 
@@ -32,6 +37,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -53,7 +59,7 @@ from diffrl.errors import UserError
 from diffrl.files import atomic_write_text
 from diffrl.eval.data import EvalData, eval_data
 from diffrl.eval.evaluate import evaluate
-from diffrl.eval.visualize import save_grid
+from diffrl.eval.visualize import RunPictures
 from diffrl.policies.generator import LayoutGenerator, build_generator
 from diffrl.policies.text import ConditionStore
 from diffrl.registry import ALGOS, ENVS
@@ -139,7 +145,7 @@ def build(cfg: TrainConfig) -> _Parts:
     env_cls, algo_cls = ENVS.get(cfg.env.name), ALGOS.get(cfg.algo.name)
     with oom_hint(f"placing the generator on {device}: it needs a device with more free memory (--device)"):
         generator = build_generator(cfg.model, cfg.policy.train).to(device)
-    require_idm(cfg.algo, generator)
+    require_idm(cfg.joint, generator)
     require_flow(cfg.algo.name, generator)
     return _Parts(device, source, evaluation, reward, env_cls, algo_cls, generator)
 
@@ -201,17 +207,25 @@ class _Run:
     def checkpoints(self) -> Path:
         return self.folder / "checkpoints"
 
+    @cached_property
+    def writer(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.folder / "tb"))
+
+    @cached_property
+    def pictures(self) -> RunPictures:
+        layouts = self.parts.evaluation.layouts
+        return RunPictures(self.folder, layouts[: self.cfg.eval.grid], self.writer, len(layouts))
+
     def evaluate(self, desc: str):
-        """→ (metrics, images) of the generator now on the evaluation set; a GPU OOM names eval.batch_size."""
+        """→ (metrics, images, each instance's success [N, K] or None) of the generator now on the evaluation set;
+        a GPU OOM names eval.batch_size."""
         cfg = self.cfg
         with oom_hint(f"in evaluation: lower eval.batch_size (now {cfg.eval.batch_size})"):
             return evaluate(self.generator, self.reward, self.parts.evaluation.layouts, desc=desc,
                             num_steps=cfg.env.num_steps, shift=cfg.env.shift, batch_size=cfg.eval.batch_size,
-                            seed=cfg.eval.seed, progress=self.progress)
-
-    def save_grid(self, name: str, images) -> None:
-        grid, layouts = self.cfg.eval.grid, self.parts.evaluation.layouts
-        save_grid(self.folder / name, images[:grid], layouts[:grid])
+                            seed=cfg.eval.seed, progress=self.progress, verdicts=True)
 
     def begin(self, resume: bool) -> None:
         """Evaluate the base model, or, resuming, load the last checkpoint (weights, optimizer, RNGs) and the base
@@ -224,18 +238,15 @@ class _Run:
             self.base = json.loads((self.folder / "base.json").read_text())
             self.wall_before = self.base.pop("wall_seconds_so_far", 0.0)
         else:
-            self.base, base_images = self.evaluate("eval base")
-            self.save_grid("samples_before.png", base_images)
+            self.base, base_images, verdicts = self.evaluate("eval base")
+            self.pictures.before(self.base, base_images, verdicts)  # kept in samples_before.pt for before_after.png
             atomic_write_text(self.folder / "base.json", json.dumps(self.base, indent=2) + "\n")
         if resume:
             _truncate_metrics(self.folder / "metrics.jsonl", self.start_iteration)
 
     def iterate(self) -> None:
         """The training iterations, each a line of metrics.jsonl and TensorBoard scalars."""
-        from torch.utils.tensorboard import SummaryWriter
-
-        cfg = self.cfg
-        writer = SummaryWriter(str(self.folder / "tb"))
+        cfg, writer = self.cfg, self.writer
         bar = tqdm(range(self.start_iteration, cfg.iterations), desc=f"train {cfg.algo.name}",
                    disable=not self.progress, initial=self.start_iteration, total=cfg.iterations)
         down = 0  # iterations in a row on which the reward could not be reached for any sample
@@ -268,7 +279,7 @@ class _Run:
                     raise UserError(f"iterations {iteration + 2 - down}–{iteration + 1}: the reward was unreachable on "
                                     f"every sample (reward.max_down_iterations={down}; {errors[0]}); bring it back and "
                                     f"continue with --resume {self.folder}")
-        writer.close()
+        writer.flush()  # closed by finish, after the final evaluation's scalars and pictures
 
     def collect(self, iteration: int):
         """One iteration's rollouts with their rewards: in this process, or in chunks on Ray with the same layouts
@@ -303,7 +314,8 @@ class _Run:
         if not (every and (iteration + 1) % every == 0 and iteration + 1 < iterations):
             return {}
         eval_tic = time.time()
-        metrics, _ = self.evaluate("eval")
+        metrics, images, verdicts = self.evaluate("eval")
+        self.pictures.during(metrics, images, verdicts, iteration + 1)
         return {"eval_isr": metrics["isr"], "eval_miou": metrics["miou"], "eval_reward": metrics["reward"],
                 "eval_seconds": time.time() - eval_tic}
 
@@ -335,13 +347,16 @@ class _Run:
                 indent=2) + "\n")
 
     def finish(self) -> Path:
-        """The final evaluation, its grid and summary.json. → the run folder."""
+        """The final evaluation, its pictures (samples_after.png, before_after.png, TensorBoard) and summary.json.
+        → the run folder."""
         try:
-            final, final_images = self.evaluate("eval final")
+            final, final_images, verdicts = self.evaluate("eval final")
         except RewardUnavailable as err:
             raise UserError(f"final evaluation: {err}; the trained weights are saved: once the reward is back, "
                             f"--resume {self.folder} evaluates them and writes summary.json") from None
-        self.save_grid("samples_after.png", final_images)
+        if not self.pictures.after(self.base, final, final_images, verdicts, self.cfg.iterations) and self.cfg.eval.grid:
+            _report("before_after.png not drawn: the base samples (samples_before.pt) were not kept by this run")
+        self.writer.close()
         evaluation = self.parts.evaluation
         summary = {
             "base": self.base,

@@ -186,7 +186,7 @@ class RolloutWorker:
             env = LayoutEnv(self.generator, self.reward or Deferred(), GivenLayouts(), self.store,
                             layouts_per_reset=layouts, group_size=cfg.env.group_size, num_steps=cfg.env.num_steps,
                             shift=cfg.env.shift, share_noise=cfg.env.share_noise, device=self.device)
-            self.envs[layouts] = env, make_actor(self.policy, env.action_spec, cfg.algo.log_prob_reduce)
+            self.envs[layouts] = env, make_actor(self.policy, env.action_spec, cfg.pg.log_prob_reduce)
         return self.envs[layouts]
 
     def collect(self, chunk: Chunk, version: int | None = None) -> tuple[ChunkResult, torch.Tensor | None]:

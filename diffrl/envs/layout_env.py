@@ -26,7 +26,7 @@ from torchrl.envs import EnvBase
 from diffrl.envs.datasets import LayoutSource
 from diffrl.layout import Layout
 from diffrl.policies.generator import LayoutGenerator
-from diffrl.policies.samplers import flow_sigmas  # noqa: F401  (its old home; benchmarks import it from here)
+from diffrl.policies.samplers import flow_sigmas  # noqa: F401  (its old home, where experiments/ imports it)
 from diffrl.policies.text import ConditionStore
 from diffrl.registry import ENVS
 from diffrl.rewards.base import Reward, RewardOutput

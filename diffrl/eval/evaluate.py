@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from diffrl.envs.datasets import FixedLayouts
 from diffrl.envs.layout_env import LayoutEnv
 from diffrl.eval.data import held_out_layouts  # noqa: F401  (the Shapes held-out set; defined beside eval.data)
-from diffrl.eval.metrics import summarize
+from diffrl.eval.metrics import instance_success, summarize
 from diffrl.layout import Layout
 from diffrl.policies.actor import SDEPolicyNet, make_actor
 from diffrl.policies.generator import LayoutGenerator
@@ -36,11 +36,15 @@ def evaluate(
     seed: int = 1234,
     progress: bool = True,
     desc: str = "eval",
-) -> tuple[dict, torch.Tensor]:
-    """→ (the summary block ``{"isr", "miou", "reward", "per_level"}``, images [N, 3, H, W] in [0, 1])."""
+    verdicts: bool = False,
+) -> tuple[dict, torch.Tensor] | tuple[dict, torch.Tensor, torch.Tensor | None]:
+    """→ (the summary block ``{"isr", "miou", "reward", "per_level", "verdicts"}``, images [N, 3, H, W] in [0, 1]);
+    with ``verdicts`` a third item: each instance's success [N, K] bool (None for a reward with per-image scores
+    only), the judge's verdicts the block counts, for pictures that mark them without judging again."""
     outputs, images = _sample(generator, reward, layouts, num_steps=num_steps, shift=shift, batch_size=batch_size,
                               seed=seed, progress=progress, desc=desc)
-    return summarize(outputs, list(layouts)), images
+    metrics = summarize(outputs, list(layouts))
+    return (metrics, images, instance_success(outputs, len(layouts))) if verdicts else (metrics, images)
 
 
 @torch.no_grad()

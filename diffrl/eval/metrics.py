@@ -78,6 +78,24 @@ def summarize(outputs: Sequence[RewardOutput], layouts: Sequence[Layout]) -> dic
             "verdicts": verdict_counts(cat("success"), cat("iou"), found, attr_ok, mask)}
 
 
+def instance_success(outputs: Sequence[RewardOutput], n: int) -> Tensor | None:
+    """Each instance's verdict of per-batch reward outputs: [n, K] bool, True where the instance succeeded (padding:
+    False); None for a reward with per-image scores only. The verdicts `summarize` counts, kept for the pictures."""
+    if not all(key in out.info for out in outputs for key in VERDICT_FIELDS):
+        return None
+    return concat_info(outputs, "success", n).bool() & concat_info(outputs, "instance_mask", n).bool()
+
+
+def scalars(metrics: dict) -> dict[str, float]:
+    """A summary block ``M`` as flat scalars for TensorBoard: ``isr``, ``miou``, ``reward``, ``L<n>/<field>`` and
+    ``verdicts/<name>`` (spaces as underscores); what was not measured (None) is left out."""
+    flat = {key: metrics[key] for key in ("isr", "miou", "reward") if metrics.get(key) is not None}
+    for level, block in (metrics.get("per_level") or {}).items():
+        flat.update({f"{level}/{key}": value for key, value in block.items() if isinstance(value, (int, float))})
+    flat.update({f"verdicts/{name.replace(' ', '_')}": count for name, count in (metrics.get("verdicts") or {}).items()})
+    return flat
+
+
 def summarize_rewards(outputs: Sequence[RewardOutput], layouts: Sequence[Layout]) -> dict:
     """The summary block of a reward without per-instance verdicts: its mean, pooled and per level, and a note."""
     rewards = torch.cat([out.rewards.detach().float().cpu() for out in outputs])[: len(layouts)]

@@ -2,7 +2,7 @@
 
 One self-contained file (pictures embedded as base64 PNG): the summary table (ISR / mIoU per level and
 pooled) and the judge's settings, then per image its prompt, the picture with the target boxes drawn by
-`diffrl.eval.visualize.sample_grid` (solid: the instance succeeded, dashed: it did not; numbered as in
+`diffrl.eval.visualize.sample_grid` (solid: the instance succeeded, dashed with a red badge: it did not; numbered as in
 the table below it) and per instance its phrase, verdict (ok / wrong box / wrong colour / missed), best
 IoU and the share of its pixels in the asked colour.
 """

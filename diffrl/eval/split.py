@@ -3,7 +3,7 @@
 RL explores and trains only the first ``policy.window`` of the denoising steps, but the weights it changes are
 shared with every later step, which run deterministically and which no loss holds in place. Sampling with the
 trained weights inside the window and the base weights after it (and the reverse) separates what an update did
-where it was trained from what it did where it was not; `benchmarks/window_split.py` prints that table for a run.
+where it was trained from what it did where it was not; `experiments/window_split.py` prints that table for a run.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def add_lora(denoiser: nn.Module, rank: int, alpha: float, targets: list[str] | 
     try:
         from peft import LoraConfig
     except ImportError:
-        raise UserError("LoRA needs peft: pip install 'diffrl[lora]' (or set model.lora_rank=0)") from None
+        raise UserError("LoRA needs peft, a dependency of diffrl: pip install 'peft>=0.17' (or set model.lora_rank=0)") from None
     backbone = backbone_of(denoiser)
     backbone.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets or DEFAULT_TARGETS))

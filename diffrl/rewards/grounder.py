@@ -15,7 +15,9 @@ Grounding DINO's detections are attributed to phrases the way transformers 5.24 
 that score exceeds ``box_threshold``. What changed: instead of decoding the tokens above
 ``text_threshold`` back into text, each kept query goes to the phrase whose tokens (found through the
 tokenizer's offset mapping) score highest, when that score exceeds ``text_threshold``; the
-detection's confidence is that phrase score. Repeated phrases are queried once.
+detection's confidence is that phrase score, and boxes are clipped to the image. Repeated phrases are
+queried once. COCO-MIG's judge asks for groundingdino's own ``predict`` instead (``score="box"``: the
+confidence is the box score; ``clip=False``: boxes as predicted, possibly past the image's edge).
 """
 
 from __future__ import annotations
@@ -70,23 +72,28 @@ def token_phrases(offsets: Tensor, spans: Sequence[tuple[int, int]]) -> Tensor:
 
 
 def phrase_detections(
-    logits: Tensor, boxes: Tensor, owner: Tensor, phrases: Sequence[str], box_threshold: float, text_threshold: float
+    logits: Tensor, boxes: Tensor, owner: Tensor, phrases: Sequence[str], box_threshold: float, text_threshold: float,
+    score: str = "phrase", clip: bool = True,
 ) -> dict[str, Grounding]:
     """One image's Grounding DINO output → its phrases' detections.
 
     logits [Q, T] (−inf past the text), boxes [Q, 4] normalised (cx, cy, w, h), owner [T] phrase index
     of each token (-1: none). Box score = max_t σ(logits[q, t]); phrase score = max over the phrase's
     tokens; a query with box score > box_threshold joins its best phrase if that score > text_threshold.
+    Its confidence is the phrase score (``score="phrase"``) or the box score (``"box"``); ``clip``: boxes
+    clipped to [0, 1].
     """
     probs = logits.float().sigmoid()  # [Q, T]
     box_score = probs.max(-1).values  # [Q]
     member = torch.nn.functional.one_hot(owner.clamp(min=0), len(phrases)).float() * (owner >= 0)[:, None]  # [T, P]
     phrase_score = (probs[:, :, None] * member[None]).amax(1)  # [Q, P]
-    score, best = phrase_score.max(-1)  # [Q]
-    keep = (box_score > box_threshold) & (score > text_threshold)
+    best_score, best = phrase_score.max(-1)  # [Q]
+    keep = (box_score > box_threshold) & (best_score > text_threshold)
+    confidence = {"phrase": best_score, "box": box_score}[score]
     cx, cy, w, h = boxes.float().unbind(-1)
-    xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1).clamp(0, 1)  # [Q, 4]
-    return {phrase: Grounding(xyxy[keep & (best == p)].cpu(), score[keep & (best == p)].cpu())
+    xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)  # [Q, 4]
+    xyxy = xyxy.clamp(0, 1) if clip else xyxy
+    return {phrase: Grounding(xyxy[keep & (best == p)].cpu(), confidence[keep & (best == p)].cpu())
             for p, phrase in enumerate(phrases)}
 
 
@@ -186,11 +193,12 @@ class GroundingDinoGrounder(Grounder):
     """
 
     def __init__(self, model: str = GROUNDING_DINO, device: str | torch.device | None = None,
-                 box_threshold: float = 0.35, text_threshold: float = 0.25):
+                 box_threshold: float = 0.35, text_threshold: float = 0.25, score: str = "phrase", clip: bool = True):
         self.processor, self.model = load_grounding_dino(model)
         self.device = torch.device(device) if device is not None else None
         self.box_threshold = box_threshold  # keep a query whose best token probability exceeds this
         self.text_threshold = text_threshold  # attribute it to a phrase whose best token probability exceeds this
+        self.score, self.clip = score, clip  # the detections' confidence and clipping (`phrase_detections`)
 
     @torch.no_grad()
     def __call__(self, images: Tensor, phrases: Sequence[Sequence[str]]) -> list[dict[str, Grounding]]:
@@ -209,7 +217,7 @@ class GroundingDinoGrounder(Grounder):
             owner = token_phrases(offsets[b], spans[b])  # [L]
             owner = torch.nn.functional.pad(owner, (0, out.logits.shape[-1] - owner.shape[0]), value=-1)
             found.append(phrase_detections(out.logits[b], out.pred_boxes[b], owner.to(device), distinct[b],
-                                           self.box_threshold, self.text_threshold))
+                                           self.box_threshold, self.text_threshold, self.score, self.clip))
         return found
 
 

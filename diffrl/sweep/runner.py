@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from diffrl.config import upgrade_saved
 from diffrl.errors import UserError
 from diffrl.files import atomic_write_text
 from diffrl.sweep.report import aggregate, markdown, plot, write_csv
@@ -67,7 +68,7 @@ def run_sweep(sweep: Sweep, folder: str | Path, *, address: str = "", cpus_per_t
     specs = {t.id: _spec(t, sweep, folder, cpus) for t in sweep.trials}
     for trial in sweep.trials:  # a resumed sweep whose file changed under a finished trial would mix two configs
         known = folder / "trials" / trial.id / "trial.json"
-        if known.is_file() and json.loads(known.read_text())["config"] != specs[trial.id]["config"]:
+        if known.is_file() and upgrade_saved(json.loads(known.read_text())["config"]) != specs[trial.id]["config"]:
             raise UserError(f"{known.parent} was run with another config than {sweep.file} now gives it; pass another "
                             "--out, or delete that trial folder to run it again")
     if sweep.file.is_file():

@@ -8,7 +8,7 @@ models:                              # generators the sweep prepares once, in it
   idm: {pretrain: {idm: true, init: shapes-tiny, steps: 300, lr: 1e-4, batch_size: 32}}
 rows:                                # row label → overrides (dotted keys or sections); `model.name` may name a model above
   PPO: {algo.name: ppo}
-  IDM+PPO: {model.name: idm, algo.name: ppo, algo.dis_coef: 0.1}
+  IDM+PPO: {model.name: idm, algo.name: ppo, joint.dis_coef: 0.1}
 grid: {algo.lr: [1e-5, 1e-4]}        # optional: every row × every combination of these values
 leakage_layouts: 64                  # attribute-leakage probe layouts scored per trial (0: skip)
 cpus_per_trial: 1                    # Ray resources per trial (also its torch threads)
@@ -152,8 +152,8 @@ def _trial(row: str, seed: int, base: dict, overrides: dict, models: dict[str, P
                             f"({', '.join(MODELS.names())}) nor a generator folder (no model_index.json)")
         if folder.is_dir():
             cfg.model.name = str(folder.resolve())  # trials run in other processes, maybe other folders
-    elif cfg.algo.dis_coef > 0 and not models[model].idm:
-        raise UserError(f"rows {row}: algo.dis_coef needs a generator with IDM; give models {model}: pretrain: idm: true")
+    elif cfg.joint.dis_coef > 0 and not models[model].idm:
+        raise UserError(f"rows {row}: joint.dis_coef needs a generator with IDM; give models {model}: pretrain: idm: true")
     if cfg.env.data != "shapes" and Path(cfg.env.data).is_file():
         cfg.env.data = str(Path(cfg.env.data).resolve())
     slug = re.sub(r"[^a-z0-9]+", "-", row.lower()).strip("-") or "row"

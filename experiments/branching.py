@@ -1,6 +1,7 @@
 """Which denoising step's noise decides an instance's shape, and which its box? Branch the sampler at one step.
 
-    python benchmarks/branching.py [--model shapes-tiny] [--noise-levels 0.7 0.1 0.02] [--layouts 100] [--branches 4]
+    python experiments/branching.py [--model shapes-tiny] [--noise-levels 0.7 0.1 0.02] [--layouts 100] [--branches 4]
+                                   [--json PATH]
 
 For each noise level a and each step k: every layout's image is sampled by the deterministic ODE from one fixed
 initial noise up to step k; step k is the SDE step at level a (`diffrl.policies.sde`), drawn ``--branches`` times
@@ -9,7 +10,7 @@ so an instance whose verdict differs between them was decided there. Per (a, k) 
 of that step's noise, ISR over all branches, the fractions of instances whose shape verdict, box verdict
 (IoU ≥ 0.5) and success differ between branches, and the within-layout std of the reward (what GRPO's group
 advantage divides by); the last columns split "shape differs" by box size (shorter side in grid cells, the bins of
-``benchmarks/box_sizes.py``). The layouts are the default held-out set's kind (`EvalConfig`'s levels and seed).
+``experiments/box_sizes.py``). The layouts are the default held-out set's kind (`EvalConfig`'s levels and seed).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from diffrl.policies.generator import load_generator
 from diffrl.policies.sde import gaussian_step
 from diffrl.rewards import build_reward
 
-from box_sizes import SIZE_BINS, size_bin  # this folder's module (a script's folder is on sys.path)
+from _results import add_json_option, write_json  # this folder's modules (a script's folder is on sys.path)
+from box_sizes import SIZE_BINS, size_bin
 
 
 def differs(verdict: torch.Tensor, layouts: int, branches: int, mask: torch.Tensor) -> float:
@@ -84,6 +86,7 @@ def main() -> None:
     parser.add_argument("--branches", type=int, default=4, help="independent draws of the branching step per layout")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    add_json_option(parser, __file__)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steps = args.steps if args.steps is not None else list(range(args.num_steps))
@@ -108,12 +111,16 @@ def main() -> None:
     print("| a | step | t | noise std | ISR | shape differs | box differs | success differs | reward std in layout | "
           f"{sizes} |")
     print("|---" * (9 + len(SIZE_BINS)) + "|")
+    rows = []
     for a in args.noise_levels:
         for k in tqdm(steps, desc=f"a={a:g}", leave=False):
             r = branch(generator, reward, layouts, cond, path, times, k, a, args.branches, args.seed)
             print(f"| {a:g} | {k} | {float(times[k]):.3f} | {r['std']:.3f} | {r['isr']:.3f} | {r['shape']:.3f} | "
                   f"{r['box']:.3f} | {r['success']:.3f} | {r['reward_std']:.4f} | "
                   + " | ".join(f"{v:.3f}" for v in r["shape_by_size"]) + " |", flush=True)
+            rows.append({"noise_level": a, "step": k, "t": float(times[k]), **r,
+                         "shape_by_size": dict(zip((name for name, _, _ in SIZE_BINS), r["shape_by_size"]))})
+    write_json(args, __file__, layouts=len(layouts), levels=held_out.levels, eval_seed=held_out.seed, rows=rows)
 
 
 if __name__ == "__main__":

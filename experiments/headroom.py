@@ -1,7 +1,7 @@
 """How far can the shipped model move in the time a default run trains? A supervised upper bound for RL.
 
-    python benchmarks/headroom.py [--seconds 480] [--lrs 1e-4 3e-4 1e-3] [--targets exact own-best]
-                                  [--window 0.2] [--train-levels 1 2 3] [--plot docs/headroom.png]
+    python experiments/headroom.py [--seconds 480] [--lrs 1e-4 3e-4 1e-3] [--targets exact own-best]
+                                  [--window 0.2] [--train-levels 1 2 3] [--plot docs/headroom.png] [--json PATH]
 
 Each configuration starts from the shipped model and trains it by plain flow matching
 (`diffrl.algos.sft.flow_matching_loss`) for ``--seconds`` of training time — about what `diffrl train` has
@@ -24,6 +24,10 @@ what a learner confined to the window can gain there.
 the held-out L2–L6 (the evaluation set is unchanged): whether more of its own pre-training still moves held-out
 ISR, that is, whether the shipped model is a converged starting point rather than a weakened one.
 
+Not the headroom of `experiments/best_of_n.py`, which trains nothing: that one samples the model N times per layout
+and measures how much better its best sample already is (what a learner could reach by making the reward's favourite
+likely); this one changes the weights by supervised training and measures how far they move in a run's time.
+
 Prints one line per evaluation and a table of the best and last ISR per configuration; ``--plot`` draws
 ISR against training seconds (matplotlib, from the ``sweep`` extra).
 """
@@ -43,6 +47,8 @@ from diffrl.eval.split import split_generator, window_boundary
 from diffrl.policies.generator import load_generator
 from diffrl.rewards import ShapesReward
 from diffrl.shapes.world import LEVELS, render, sample_layouts
+
+from _results import add_json_option, write_json  # this folder's module (a script's folder is on sys.path)
 
 SUMMARY = EvalConfig()  # `diffrl train`'s held-out summary set: its eval.* defaults
 
@@ -122,6 +128,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", default="", help="write ISR against training seconds to this PNG")
+    add_json_option(parser, __file__)
     args = parser.parse_args()
     if args.window < 0:
         parser.error(f"--window {args.window:g}: a fraction of the steps, 0 (off) or more")
@@ -152,6 +159,12 @@ def main() -> None:
         last = curve[-1]
         tail = f" {last[4]:.3f} |" if args.window else ""
         print(f"| {targets} | {lr:.0e} | {last[1]} | {best[2]:.3f} ({best[0]:.0f}) | {last[2]:.3f} | {last[2] - base:+.3f} |{tail}")
+    fields = ("seconds", "step", "isr", "miou", "isr_base_after_window")
+    write_json(args, __file__, base_isr=base, configurations=[
+        {"targets": targets, "lr": lr, "steps": curve[-1][1], "best_isr": max(row[2] for row in curve),
+         "best_at_seconds": max(curve, key=lambda row: row[2])[0], "last_isr": curve[-1][2],
+         "delta_last": curve[-1][2] - base, "curve": [dict(zip(fields, row)) for row in curve]}
+        for (targets, lr), curve in curves.items()])
     if args.plot:
         import matplotlib
 

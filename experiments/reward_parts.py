@@ -1,6 +1,6 @@
 """What a GRPO group's advantage is about: the within-group spread of the Shapes reward, split into its parts.
 
-    python benchmarks/reward_parts.py [--rollouts 4] [--seed 7] [--threads 2]
+    python experiments/reward_parts.py [--rollouts 4] [--seed 7] [--threads 2] [--json PATH]
 
 Rolls out the shipped base model as `diffrl train` does (its default env, window and noise level; 64 layouts × 4 per
 rollout), once with independent initial noise per sample and once with a group's samples sharing it
@@ -24,6 +24,8 @@ from diffrl.policies.actor import SDEPolicyNet, make_actor
 from diffrl.policies.generator import build_generator
 from diffrl.policies.text import ConditionStore
 from diffrl.rewards import ShapesReward
+
+from _results import add_json_option, write_json  # this folder's module (a script's folder is on sys.path)
 
 
 def rollout_parts(generator, cfg: TrainConfig, share_noise: bool, rollouts: int, seed: int) -> dict[str, torch.Tensor]:
@@ -54,6 +56,7 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=4, help="default-size rollouts per row")
     parser.add_argument("--seed", type=int, default=7, help="seed of the layouts and the noise")
     parser.add_argument("--threads", type=int, default=2)
+    add_json_option(parser, __file__)
     args = parser.parse_args()
     if args.rollouts < 1:
         parser.error(f"--rollouts must be ≥ 1, got {args.rollouts}")
@@ -62,6 +65,7 @@ def main() -> None:
     generator = build_generator(cfg.model, cfg.policy.train)
     print("| initial noise | samples | within-group var(r) | IoU part | confidence part | 2·cov | corr(r, ISR) | corr(r, IoU) |")
     print("|---|---|---|---|---|---|---|---|")
+    rows = []
     for share in (False, True):
         p = rollout_parts(generator, cfg, share, args.rollouts, args.seed)
         var = {name: float((value**2).mean()) for name, value in p.items()}
@@ -70,6 +74,11 @@ def main() -> None:
         print(f"| {'shared by a group' if share else 'one per sample'} | {p['reward'].numel()} | {var['reward']:.4f} | "
               f"{var['iou']:.4f} | {var['confidence']:.4f} | {cov2:.4f} | {corr['isr']:.3f} | {corr['iou']:.3f} |",
               flush=True)
+        rows.append({"initial_noise": "shared by a group" if share else "one per sample",
+                     "samples": p["reward"].numel(), "var_reward": var["reward"], "var_iou": var["iou"],
+                     "var_confidence": var["confidence"], "cov2": cov2, "corr_reward_isr": corr["isr"],
+                     "corr_reward_iou": corr["iou"]})
+    write_json(args, __file__, rows=rows)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Where did a run's update help, and where did it hurt? Its weights inside the RL window, the base model's after.
 
-    python benchmarks/window_split.py RUN [--threads 2]
+    python experiments/window_split.py RUN [--threads 2] [--json PATH]
 
 RL explores and trains only the first ``policy.window`` of the denoising steps; the later steps are the
 deterministic ODE step, and no loss holds them in place, yet they run on the same (updated) weights. This samples
@@ -25,11 +25,14 @@ from diffrl.eval.split import split_generator, window_boundary
 from diffrl.policies.generator import build_generator
 from diffrl.rewards import build_reward
 
+from _results import add_json_option, write_json  # this folder's module (a script's folder is on sys.path)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", type=Path, help="a run folder of `diffrl train` (config.yaml + checkpoints/)")
     parser.add_argument("--threads", type=int, default=2)
+    add_json_option(parser, __file__)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -54,12 +57,17 @@ def main() -> None:
           f"{len(layouts)} held-out layouts")
     print("| window steps | later steps | ISR | mIoU | reward | ok / missed / wrong box / wrong attribute |")
     print("|---|---|---|---|---|---|")
+    table = []
     for early_name, late_name, early, late in rows:
         m, _ = evaluate(split_generator(base, early, late, boundary), reward, layouts, desc=f"{early_name}/{late_name}",
                         **kwargs)
         counts = " / ".join(str(v) for v in m["verdicts"].values())
         print(f"| {early_name} | {late_name} | {m['isr']:.3f} | {m['miou']:.3f} | {m['reward']:.3f} | {counts} |",
               flush=True)
+        table.append({"window_steps": early_name, "later_steps": late_name, "isr": m["isr"], "miou": m["miou"],
+                      "reward": m["reward"], "verdicts": m["verdicts"]})
+    write_json(args, __file__, window=window, num_steps=cfg.env.num_steps, boundary=boundary, layouts=len(layouts),
+               rows=table)
 
 
 if __name__ == "__main__":

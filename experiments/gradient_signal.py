@@ -1,6 +1,6 @@
 """How much signal is in one policy-gradient estimate? Three measurements on the shipped model.
 
-    python benchmarks/gradient_signal.py [--model shapes-tiny] [--batches 4]
+    python experiments/gradient_signal.py [--model shapes-tiny] [--batches 4] [--json PATH]
 
 1. **Who decides the outcome.** Within-group reward std (16·K samples, K = 8 per layout) when only the
    initial noise varies (ODE sampling) and when the initial noise is shared and only the RL window's
@@ -29,6 +29,8 @@ from diffrl.policies.generator import load_generator
 from diffrl.policies.sde import gaussian_log_prob, sde_mean_std
 from diffrl.rewards import ShapesReward
 from diffrl.shapes.world import sample_layouts
+
+from _results import add_json_option, write_json  # this folder's module (a script's folder is on sys.path)
 
 LEVELS = [2, 3, 4, 5, 6]
 
@@ -71,6 +73,7 @@ def main() -> None:
     parser.add_argument("--model", default="shapes-tiny")
     parser.add_argument("--batches", type=int, default=4, help="64-sample batches summed for the uphill test")
     parser.add_argument("--threads", type=int, default=2)
+    add_json_option(parser, __file__)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = load_generator(args.model)
@@ -78,6 +81,7 @@ def main() -> None:
     sigmas = flow_sigmas(10)
     params = [p for p in generator.denoiser.parameters() if p.requires_grad]
     tic = time.time()
+    numbers: dict = {"reward_std": [], "cosine": [], "sign_steps": []}
 
     print("1. within-group reward std (24 layouts × 8 samples, L2–L6)")
     layouts = sample_layouts(24, LEVELS, seed=7, balanced=True)
@@ -85,6 +89,8 @@ def main() -> None:
         x, _, _, per_sample = rollout(generator, layouts, 8, sigmas, noisy, 0.7, shared, seed=0)
         r = reward(generator.space.decode(x), per_sample).rewards.reshape(24, 8)
         print(f"   {name:32s} mean {r.mean():.3f}  within-group std {r.std(1).mean():.3f}")
+        numbers["reward_std"].append({"noise": name, "mean": float(r.mean()),
+                                      "within_group_std": float(r.std(1).mean())})
 
     print("2. cosine between gradients of independent batches")
     for layouts_per_batch in (16, 64):
@@ -92,17 +98,19 @@ def main() -> None:
                  for i in range(4)]
         cos = [float(torch.nn.functional.cosine_similarity(a, b, 0)) for a, b in itertools.combinations(grads, 2)]
         print(f"   {layouts_per_batch * 4:4d} samples: mean {sum(cos) / len(cos):+.3f}  pairs {[round(c, 3) for c in cos]}")
+        numbers["cosine"].append({"samples": layouts_per_batch * 4, "mean": sum(cos) / len(cos), "pairs": cos})
 
     print(f"3. one sign step along the {args.batches * 64}-sample gradient vs a random-sign direction "
           "(held-out reward, ISR on 100 layouts)")
     eval_set = held_out_layouts(100, LEVELS, 1234)
 
-    def score() -> str:
+    def score(direction: str, size: float | None) -> str:
         m, _ = evaluate(generator, reward, eval_set, num_steps=10, batch_size=100, progress=False)
+        numbers["sign_steps"].append({"direction": direction, "size": size, "reward": m["reward"], "isr": m["isr"]})
         return f"reward {m['reward']:.4f}  ISR {m['isr']:.4f}"
 
     base = [p.detach().clone() for p in params]
-    print(f"   base                 {score()}")
+    print(f"   base                 {score('base', None)}")
     direction = -sum(grpo_gradient(generator, params, reward, sigmas, 500 + i) for i in range(args.batches))
     random_sign = torch.randn(direction.shape, generator=torch.Generator().manual_seed(0)).sign()
     for name, step_dir in [("gradient", direction.sign()), ("random", random_sign)]:
@@ -112,11 +120,12 @@ def main() -> None:
                 for p, b in zip(params, base):
                     p.copy_(b + size * step_dir[offset : offset + p.numel()].view_as(p))
                     offset += p.numel()
-            print(f"   {name:8s} step {size:.0e}  {score()}")
+            print(f"   {name:8s} step {size:.0e}  {score(name, size)}")
     with torch.no_grad():
         for p, b in zip(params, base):
             p.copy_(b)
     print(f"({time.time() - tic:.0f} s, {args.threads} threads)")
+    write_json(args, __file__, seconds=time.time() - tic, **numbers)
 
 
 if __name__ == "__main__":

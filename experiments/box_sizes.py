@@ -1,6 +1,6 @@
 """Which instances does a run fix: ISR by box size and by asked-for shape, base against each run's final weights.
 
-    python benchmarks/box_sizes.py RUN [RUN ...] [--threads 2]
+    python experiments/box_sizes.py RUN [RUN ...] [--threads 2] [--json PATH]
 
 COCO reports AP by object size; this reports the Shapes world's per-instance success the same way. Each RUN is a
 `diffrl train` folder on the Shapes world; all must share their held-out set (``eval.*``) and model. The base row is
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from diffrl.algos.export import load_run
+from diffrl.envs.datasets import shapes_world
 from diffrl.errors import UserError
 from diffrl.eval.evaluate import generate, held_out_layouts
 from diffrl.eval.metrics import summarize
@@ -24,6 +25,8 @@ from diffrl.layout import Layout
 from diffrl.policies.generator import build_generator
 from diffrl.rewards import build_reward
 from diffrl.shapes.world import GRID, SHAPES, parse_phrase
+
+from _results import add_json_option, write_json  # this folder's module (a script's folder is on sys.path)
 
 SIZE_BINS = (("≤ 8", 0, 8), ("9–10", 9, 10), ("≥ 11", 11, GRID))
 
@@ -50,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", type=Path, nargs="+", help="run folders of `diffrl train` on the Shapes world")
     parser.add_argument("--threads", type=int, default=2)
+    add_json_option(parser, __file__)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -61,11 +65,12 @@ def main() -> None:
         if (other.eval, other.model.name, other.env.data) != (cfg.eval, cfg.model.name, cfg.env.data):
             parser.error(f"{run}: its held-out set, model or data differ from {args.runs[0]}'s; "
                          "compare runs that share them")
-    if cfg.env.data != "shapes" or cfg.reward.name != "shapes":
+    world = shapes_world(cfg.env.data)
+    if world is None or cfg.reward.name != "shapes":
         parser.error(f"{args.runs[0]}: box sizes and shapes are read from the Shapes world; this run used "
                      f"--data {cfg.env.data} --reward {cfg.reward.name}")
     reward = build_reward(cfg.reward.name, cfg.reward.model or None)
-    layouts = held_out_layouts(cfg.eval.layouts, cfg.eval.levels, cfg.eval.seed)
+    layouts = held_out_layouts(cfg.eval.layouts, cfg.eval.levels, cfg.eval.seed, world)
     groups = instance_groups(layouts)
     kwargs = dict(num_steps=cfg.env.num_steps, shift=cfg.env.shift, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)
     models = [("base", build_generator(cfg.model, cfg.policy.train))] + [(str(run), g) for run, (_, g) in
@@ -75,15 +80,19 @@ def main() -> None:
     print("| model | ISR | " + " | ".join(f"size {name}" for name, _, _ in SIZE_BINS) + " | "
           + " | ".join(SHAPES) + " |")
     print("|---" * (2 + len(groups)) + "|")
+    rows = []
     for name, generator in models:
         scored = reward(generate(generator, layouts, desc=name, **kwargs), layouts)  # the images `evaluate` scores
         summary, success = summarize([scored], layouts), scored.info["success"].cpu()
-        cells = []
-        for members in groups.values():
+        cells, isr = [], {}
+        for column, members in groups.items():
             hits = sum(bool(success[i, j]) for i, j in members)
+            isr[column] = {"isr": hits / len(members) if members else None, "instances": len(members)}
             cells.append(f"{hits / len(members):.3f}" + (f" ({len(members)})" if name == "base" else "")
                          if members else "–")
         print(f"| {name} | {summary['isr']:.3f} | " + " | ".join(cells) + " |", flush=True)
+        rows.append({"model": name, "isr": summary["isr"], "by_column": isr})
+    write_json(args, __file__, layouts=len(layouts), levels=cfg.eval.levels, seed=cfg.eval.seed, grid=GRID, rows=rows)
 
 
 if __name__ == "__main__":
