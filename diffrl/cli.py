@@ -102,6 +102,8 @@ def add_train(sub) -> None:
     train.add_argument("--workers", type=int, metavar="N", help="Ray rollout workers (default 0: no Ray, one process)")
     train.add_argument("--reward-workers", type=int, metavar="N",
                        help="Ray actors scoring the reward on their own device while rollouts go on (default 0)")
+    train.add_argument("--learners", type=int, metavar="N", help="processes the update runs on, data-parallel on Ray "
+                       "Train (default 1: this process; see docs/scaling.md)")
     train.add_argument("--address", metavar="HOST:PORT", help="join this Ray cluster (`ray start --head` prints it; "
                        "default: a local Ray when --workers or --reward-workers is set)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -217,7 +219,7 @@ def cmd_train(args) -> int:
              "reward.model": args.reward_model,
              "algo.name": args.algo, "iterations": args.iterations, "seed": args.seed, "out": args.out,
              "model.device": args.device, "ray.workers": args.workers, "ray.reward_workers": args.reward_workers,
-             "ray.address": args.address}
+             "ray.address": args.address, "ray.learners": args.learners}
     if args.resume:
         flags["out"] = args.resume
     overrides = [(k, v) for k, v in flags.items() if v is not None] + [parse_override(o) for o in args.overrides]
@@ -230,7 +232,12 @@ def cmd_train(args) -> int:
     parse_reward_spec(cfg.reward.name)  # the same for --reward (its weights load in train(), before the run folder)
     if args.resume and _finished(Path(args.resume), cfg.iterations):
         return 0
-    run = train(cfg, resume=bool(args.resume), progress=not args.quiet)
+    if cfg.ray.learners > 1:  # a learner process that dies: the run goes on from its last checkpoint
+        from diffrl.distributed.learners import restarting
+
+        run = restarting(train, cfg, resume=bool(args.resume), progress=not args.quiet)
+    else:
+        run = train(cfg, resume=bool(args.resume), progress=not args.quiet)
     summary = json.loads((run / "summary.json").read_text())
     print(_summary_table(summary))
     print(f"run folder: {run}")

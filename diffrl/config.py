@@ -75,6 +75,7 @@ class AlgoConfig:
     lr: float = option(1e-5, "learning rate of the generator (awm, nft: 1e-4, their own default)")
     epochs: int = option(1, "passes over each iteration's transitions")
     minibatch_size: int = option(64, "samples of one denoising step per gradient step (≥ batch: the whole step)")
+    micro_batch: int = option(0, "rows per forward/backward pass of a minibatch, their gradients summed exactly (0: the minibatch split evenly over the --learners; one process: the whole minibatch). The update is the same bit for bit on any number of learners with the same micro_batch")
     kl_coef: float = option(0.01, "weight of KL(π_θ ‖ π_ref) to the initial policy (awm, nft: forward.kl_coef instead)")
     max_grad_norm: float = option(1.0, "gradient-norm clip")
     accumulate: bool = option(True, "one optimizer step per epoch, averaging the gradients of all window steps (Flow-GRPO); awm, nft: off, a step per minibatch")
@@ -157,6 +158,9 @@ class RayConfig:
     chunk_timeout: float = option(0.0, "seconds a rollout worker may take for a chunk (queueing behind its other chunk included) before it counts as hung and is replaced (0: wait forever)")
     max_restarts: int = option(3, "replacements of a dead worker or reward actor per chunk before the run stops")
     dashboard: bool = option(False, "start Ray's dashboard (bound to 127.0.0.1) with a local cluster")
+    learners: int = option(1, "--learners: processes the update runs on, data-parallel through Ray Train (1: this process, no Ray; N: each runs its share of every minibatch's pieces, gradients summed, the same update)")
+    learner_cpus: float = option(1.0, "CPUs per learner process (also its torch threads, at least 1); on cuda each learner also takes a GPU")
+    learner_strategy: Literal["ddp", "fsdp"] = option("ddp", "--learners N: ddp (every learner holds the trainable weights; LoRA, adapters, models that fit a device) or fsdp (FSDP2 fully_shard of the denoiser, for full fine-tuning of large backbones: not implemented yet, one clear error)")
 
 
 @dataclass
@@ -444,6 +448,9 @@ def _check_algo(cfg: TrainConfig) -> None:
     """What the learner needs of the env."""
     if cfg.algo.name in ("grpo", *FORWARD_LEARNERS) and cfg.env.group_size < 2:
         raise UserError(f"config env.group_size: --algo {cfg.algo.name} compares samples of one layout, so it needs ≥ 2")
+    if cfg.algo.micro_batch < 0:
+        raise UserError(f"config algo.micro_batch: must be ≥ 0 (0: the minibatch split over the learners), got "
+                        f"{cfg.algo.micro_batch}")
 
 
 def _check_pg(p: PGConfig) -> None:
@@ -491,10 +498,15 @@ def _check_ray(r: RayConfig) -> None:
         if value < 0:
             flag = {"workers": "--workers", "reward_workers": "--reward-workers"}.get(key, f"config ray.{key}")
             raise UserError(f"{flag}: must be ≥ 0, got {value}")
+    if r.learners < 1:
+        raise UserError(f"--learners: must be ≥ 1 (1: the update in this process), got {r.learners}")
+    if r.learner_cpus <= 0:
+        raise UserError(f"config ray.learner_cpus: must be > 0 (fractions such as 0.5 are fine), got {r.learner_cpus}")
     if r.worker_cpus <= 0 or r.reward_cpus <= 0:
         raise UserError("config ray.worker_cpus and ray.reward_cpus must be > 0 (fractions such as 0.5 are fine)")
-    if r.address and not (r.workers or r.reward_workers):
-        raise UserError(f"--address {r.address}: nothing would run on the cluster; add --workers N and/or --reward-workers N")
+    if r.address and not (r.workers or r.reward_workers or r.learners > 1):
+        raise UserError(f"--address {r.address}: nothing would run on the cluster; add --workers N, --reward-workers N "
+                        "and/or --learners N")
 
 
 def _check_reward(cfg: TrainConfig) -> None:
@@ -549,6 +561,15 @@ def chunk_layouts(cfg: TrainConfig) -> int:
         return min(cfg.ray.chunk_layouts, cfg.env.layouts_per_iter)
     chunks = 2 * cfg.ray.workers if cfg.ray.workers else 4
     return math.ceil(cfg.env.layouts_per_iter / chunks)
+
+
+def micro_batch(cfg: TrainConfig) -> int:
+    """Rows per forward/backward pass of the update: ``algo.micro_batch``, or by default a minibatch (at most the
+    iteration's samples) split evenly over ``ray.learners`` (0 with one learner: the whole minibatch)."""
+    if cfg.algo.micro_batch or cfg.ray.learners == 1:
+        return cfg.algo.micro_batch
+    rows = min(cfg.algo.minibatch_size, cfg.env.layouts_per_iter * cfg.env.group_size)
+    return math.ceil(rows / cfg.ray.learners)
 
 
 def uses_ray(cfg: TrainConfig) -> bool:

@@ -1,4 +1,6 @@
-"""Checkpoints: one safetensors file per save, written atomically (temp file, fsync, rename).
+"""Checkpoints: one safetensors file per save, written atomically (temp file, fsync, rename) — or, with
+``--learners N``, one `torch.distributed.checkpoint` folder of the same named tensors that the N learners write
+together and that appears under its final name once complete (`diffrl.distributed.learners`); either loads here.
 
 A checkpoint holds everything that defines the continuation of a run: the trainable modules' weights
 (the denoiser or its adapter, and PPO's critic), the optimizer state (its moments and step counts, and
@@ -15,8 +17,7 @@ temporary file left by a kill is removed when the run resumes.
 
 from __future__ import annotations
 
-import json
-import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,39 +25,25 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from diffrl.distributed.dcp import _checkpoints, flat_state, prune, read_dcp, restore_flat
 from diffrl.files import atomic_write
-
-PATTERN = re.compile(r"checkpoint-(\d+)\.safetensors$")
-
 
 def save_checkpoint(
     folder: Path, iteration: int, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
     rng: dict[str, torch.Tensor], keep: int = 2,
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
-    opt = optimizer.state_dict()
-    for pid, state in opt["state"].items():
-        for key, value in state.items():
-            tensors[f"optimizer.{pid}.{key}"] = torch.as_tensor(value).cpu().contiguous()
-    for name, state in rng.items():
-        tensors[f"rng.{name}"] = state.cpu().contiguous()
-    meta = {"iteration": str(iteration), "param_groups": json.dumps(opt["param_groups"])}
+    tensors, meta = flat_state(modules, optimizer, rng, iteration)
     final = folder / f"checkpoint-{iteration:06d}.safetensors"
     atomic_write(final, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    for old in sorted(_checkpoints(folder))[:-keep]:
-        old[1].unlink()
+    prune(folder, keep)
     return final
-
-
-def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    return [(int(m.group(1)), p) for p in folder.glob("checkpoint-*.safetensors") if (m := PATTERN.search(p.name))]
 
 
 def remove_stale(folder: Path) -> None:
     """Delete temporary files an interrupted save left (only when resuming: a live run may be writing one)."""
     for stale in folder.glob(".checkpoint-*.tmp"):
-        stale.unlink(missing_ok=True)
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -66,23 +53,17 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
-    """Restore modules and optimizer in place; → (iteration, rng states by name)."""
+    """Restore modules and optimizer in place from a checkpoint file, or from a `torch.distributed.checkpoint`
+    folder that ``--learners N`` wrote (whatever N); → (iteration, rng states by name)."""
+    return restore_flat(*read_checkpoint(path), modules, optimizer)
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A checkpoint's named tensors and string metadata, from its file or its `torch.distributed.checkpoint` folder."""
+    if path.is_dir():
+        return read_dcp(path)
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    for name, module in modules.items():
-        prefix = f"{name}."
-        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, pid, field = key.split(".", 2)
-            state.setdefault(int(pid), {})[field] = value
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
-              for group in json.loads(meta["param_groups"])]  # JSON made tuples (betas) into lists
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
-    return int(meta["iteration"]), rng
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
 def capture_rng(env_noise: torch.Generator, source, device: torch.device) -> dict[str, torch.Tensor]:

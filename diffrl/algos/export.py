@@ -16,9 +16,8 @@ import json
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load_file
 
-from diffrl.algos.checkpoint import latest_checkpoint
+from diffrl.algos.checkpoint import latest_checkpoint, read_checkpoint
 from diffrl.config import TrainConfig, build_config, load_yaml, upgrade_saved
 from diffrl.errors import UserError
 from diffrl.policies.generator import (CLASS_NAME, FLUX_CLASS, SD3_CLASS, LayoutGenerator, build_generator, read_index,
@@ -33,7 +32,7 @@ def load_run(run: Path) -> tuple[TrainConfig, LayoutGenerator]:
         raise UserError(f"{run}: no config.yaml and checkpoints/ there; pass a run folder of `diffrl train`")
     cfg = build_config(upgrade_saved(load_yaml(run / "config.yaml")))
     generator = build_generator(cfg.model, cfg.policy.train)
-    weights = {k[len("denoiser."):]: v for k, v in load_file(str(ckpt)).items() if k.startswith("denoiser.")}
+    weights = {k[len("denoiser."):]: v for k, v in read_checkpoint(ckpt)[0].items() if k.startswith("denoiser.")}
     denoiser = generator.denoiser
     (TrainableOnly(denoiser) if has_lora(denoiser) else denoiser).load_state_dict(weights)
     return cfg, generator

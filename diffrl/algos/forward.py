@@ -32,7 +32,6 @@ weights use the flow identity x̂0 = x_t − t·v, so `NFT` is flow-only and say
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +41,7 @@ from torch.func import functional_call
 
 from diffrl.algos.advantages import group_advantages
 from diffrl.config import AlgoConfig, ForwardConfig, GroupConfig
+from diffrl.distributed.learners import WHOLE, GradSum, Logs, weigh
 from diffrl.errors import UserError
 from diffrl.policies.generator import LayoutGenerator
 from diffrl.policies.lora import TrainableOnly, has_lora
@@ -145,6 +145,7 @@ class ForwardLearner:
     step per epoch with ``algo.accumulate`` (else one per minibatch), KL to the frozen reference's velocity."""
 
     name = "forward"
+    shard = WHOLE  # this process is the only learner; `diffrl.distributed.learners` sets a Shard in each of N
     sections: tuple[str, ...] = ("group",)  # beside algo and forward, passed by name (see `Learner.sections`)
 
     def __init__(self, generator: LayoutGenerator, reference: LayoutGenerator, store: ConditionStore,
@@ -174,39 +175,50 @@ class ForwardLearner:
             advantages = group_advantages(samples.rewards, samples.layout_index, scale=self.group.scale)
         b = samples.x0.shape[0]
         k = self.fwd.timesteps if self.times is None else min(self.fwd.timesteps, self.times.numel())
-        sampler = self.generator.sampler
-        logs: dict[str, list[float]] = defaultdict(list)
+        logs = self.shard.logs()
+        grads = GradSum(self.params)
         chunks = [(j, s) for j in range(k) for s in range(0, b, self.cfg.minibatch_size)]
         per_step = len(chunks) if self.cfg.accumulate else 1
-        for _ in range(self.cfg.epochs):
+        for epoch in range(self.cfg.epochs):
             t_all, noise_all = group_times_noise(samples.layout_index, k, samples.x0.shape[1:], self.times, self.fwd.crn)
             order = [chunks[i] for i in torch.randperm(len(chunks)).tolist()]
-            for n, (j, start) in enumerate(order):
-                rows = slice(start, start + self.cfg.minibatch_size)
-                x0, index, t, noise = samples.x0[rows], samples.layout_index[rows], t_all[j, rows], noise_all[j, rows]
-                cond = self.store[index]
-                x_t = sampler.noisy(x0, noise, t)
-                target = sampler.target(x0, noise, t)
-                velocity = self.generator.velocity(x_t, t, cond)
-                policy = self.policy_loss(velocity, x_t, x0, t, target, advantages[rows], index, cond)
-                total = policy
-                if self.fwd.kl_coef:
-                    with torch.no_grad():
-                        ref = self.reference.velocity(x_t, t, cond)
-                    kl = per_sample_mse(velocity, ref).mean()
-                    total = total + self.fwd.kl_coef * kl
-                    logs["kl_ref"].append(float(kl.detach()))
-                (total / per_step).backward()
-                logs["loss_policy"].append(float(policy.detach()))
-                if (n + 1) % per_step == 0 or n + 1 == len(order):
-                    logs["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)))
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+            for first in range(0, len(order), per_step):
+                group = [(epoch * len(order) + first + i, j, start)
+                         for i, (j, start) in enumerate(order[first : first + per_step])]
+                # --learners N: each learner runs its pieces of the step's minibatches (`diffrl.distributed.learners`)
+                for piece in self.shard.pieces(group, b, self.cfg.minibatch_size, self.cfg.micro_batch):
+                    self.piece_backward(samples, advantages, t_all[piece.step], noise_all[piece.step], piece, grads,
+                                        logs, per_step)
+                self.shard.sync(self.params, grads)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+                logs.add(group[-1][0], Logs.STEP, "grad_norm", grad_norm, None)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
         self.iteration += 1
         self.after_iteration()
-        result = {key: sum(values) / len(values) for key, values in logs.items()}
+        result = logs.result()
         result["advantage_abs"] = float(advantages.abs().mean())
         return result
+
+    def piece_backward(self, samples: "FinalSamples", advantages: Tensor, t_all: Tensor, noise_all: Tensor, piece,
+                       grads: GradSum, logs, per_step: int) -> None:
+        """The loss of one piece of a minibatch (its rows, at its (t, ε) draw), weighed by its share, backpropagated."""
+        rows = piece.rows
+        x0, index, t, noise = samples.x0[rows], samples.layout_index[rows], t_all[rows], noise_all[rows]
+        cond = self.store[index]
+        x_t = self.generator.sampler.noisy(x0, noise, t)
+        target = self.generator.sampler.target(x0, noise, t)
+        velocity = self.generator.velocity(x_t, t, cond)
+        policy = self.policy_loss(velocity, x_t, x0, t, target, advantages[rows], index, cond)
+        total = policy
+        if self.fwd.kl_coef:
+            with torch.no_grad():
+                ref = self.reference.velocity(x_t, t, cond)
+            kl = per_sample_mse(velocity, ref).mean()
+            total = total + self.fwd.kl_coef * kl
+            logs.add(piece.slot, piece.index, "kl_ref", kl, piece.share)
+        grads.backward(weigh(total, piece.share) / per_step)
+        logs.add(piece.slot, piece.index, "loss_policy", policy, piece.share)
 
     def after_iteration(self) -> None:
         pass

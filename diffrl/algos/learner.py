@@ -19,8 +19,6 @@ generator whose layout adapter has IDM (`require_idm`).
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
@@ -28,6 +26,7 @@ from torchrl.objectives import ClipPPOLoss
 
 from diffrl.algos.sft import Paired, flow_matching_loss
 from diffrl.config import AlgoConfig, JointConfig, PGConfig, PPOConfig
+from diffrl.distributed.learners import WHOLE, GradSum, Logs, weigh
 from diffrl.errors import UserError
 from diffrl.policies.actor import LOG_PROB_KEY, OBSERVATION_KEYS, SDEPolicyNet
 from diffrl.policies.lora import TrainableOnly, has_lora
@@ -43,6 +42,7 @@ class RefKLClipPPOLoss(ClipPPOLoss):
         self._reference = (reference,)  # a tuple, so its weights are not this module's parameters
         self.kl_coef = kl_coef
         self.log_prob_reduce = log_prob_reduce
+        self.moments = False  # --learners N: also give the critic's target/residual moments (explained_variance's parts)
         self._dist = None
 
     def _get_cur_log_prob(self, tensordict, *args, **kwargs):
@@ -68,6 +68,13 @@ class RefKLClipPPOLoss(ClipPPOLoss):
             kl = kl / dist.loc[0].numel()
         out.set("kl_ref", kl.mean().detach())
         out.set("loss_kl", self.kl_coef * kl.mean())
+        if self.moments and "explained_variance" in out.keys():
+            with torch.no_grad():
+                target = tensordict["value_target"].float()
+                error = target - self.critic_network(tensordict.select(*self.critic_network.in_keys).clone())[
+                    "state_value"].float()
+                out.set("stat_ev", torch.stack([target.mean(), target.var(correction=0), error.mean(),
+                                                error.var(correction=0)]))
         return out
 
 
@@ -88,6 +95,7 @@ class Learner:
     sections it names in ``sections``, which the trainer passes by name (left out: their defaults)."""
 
     name = "base"
+    shard = WHOLE  # this process is the only learner; `diffrl.distributed.learners` sets a Shard in each of N
     sections: tuple[str, ...] = ("pg", "joint")
 
     def __init__(self, policy: SDEPolicyNet, reference: SDEPolicyNet, actor, cfg: AlgoConfig, critic=None, *,
@@ -153,51 +161,75 @@ class Learner:
         the rollout's sample order, so with ``minibatch_size ≥ B`` the first pass recomputes exactly the
         rollout's forward and the importance ratio is exactly 1. With ``accumulate`` the gradients of a
         whole epoch (every window step and minibatch) are averaged into one optimizer step, as Flow-GRPO
-        accumulates over timesteps; otherwise each minibatch takes its own step."""
+        accumulates over timesteps; otherwise each minibatch takes its own step. A minibatch runs in pieces of
+        ``micro_batch`` rows (`diffrl.distributed.learners`: with --learners N, each learner runs its pieces)."""
         batch = self.window_batch(rollout)  # [B, W]
         with torch.no_grad():
             flat = batch.reshape(-1)
             advantage = self.advantages(flat, flat["reward"]).reshape(batch.shape)
         batch.set("advantage", advantage.unsqueeze(-1))
         batch.set("value_target", batch["reward"].unsqueeze(-1))
-        logs: dict[str, list[float]] = defaultdict(list)
         b, window = batch.shape
+        self.loss.moments = 0 < self.cfg.micro_batch < min(self.cfg.minibatch_size, b)  # pieces of a minibatch
+        logs = self.shard.logs()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grads = GradSum(params)
         chunks = [(step, start) for step in range(window) for start in range(0, b, self.cfg.minibatch_size)]
         per_step = 1 if not self.cfg.accumulate else len(chunks)  # minibatches whose gradients one step averages
-        for _ in range(self.cfg.epochs):
+        for epoch in range(self.cfg.epochs):
             order = [chunks[i] for i in torch.randperm(len(chunks)).tolist()]
-            for n, (step, start) in enumerate(order):
-                out = self.loss(batch[start : start + self.cfg.minibatch_size, step])
-                if (dis := self.dis_loss()) is not None:  # of the forward that just scored this minibatch
-                    out.set("loss_dis", dis)
-                total = sum(v for k, v in out.items() if k.startswith("loss_"))
-                (total / per_step).backward()
-                for key, value in out.items():
-                    logs[key].append(float(value.detach()))
-                if (n + 1) % per_step == 0 or n + 1 == len(order):
-                    if (ldm := self.ldm_loss(paired)) is not None:
-                        ldm.backward()
-                        logs["loss_ldm"].append(float(ldm.detach()))
-                    if self.pg.anchor_steps and rollout.shape[1] > self.policy.window_end:  # joins this step's gradient
-                        anchor = self.cfg.kl_coef * self.anchor_loss(rollout)
-                        anchor.backward()
-                        logs["loss_anchor"].append(float(anchor.detach()))
-                    logs["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)))
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-        result = {key: sum(values) / len(values) for key, values in logs.items()}
+            for first in range(0, len(order), per_step):
+                group = [(epoch * len(order) + first + i, step, start)
+                         for i, (step, start) in enumerate(order[first : first + per_step])]
+                for piece in self.shard.pieces(group, b, self.cfg.minibatch_size, self.cfg.micro_batch):
+                    out = self.loss(batch[piece.rows, piece.step])
+                    if (dis := self.dis_loss()) is not None:  # of the forward that just scored this minibatch
+                        out.set("loss_dis", dis)
+                    total = sum(v for k, v in out.items() if k.startswith("loss_"))
+                    grads.backward(weigh(total, piece.share) / per_step)
+                    for key, value in out.items():
+                        logs.add(piece.slot, piece.index, key, value, piece.share)
+                self.optimizer_step(rollout, paired, params, grads, logs, group[-1][0])
+        result = logs.result()
         result["advantage_abs"] = float(advantage.abs().mean())
         return result
 
-    def anchor_loss(self, rollout: TensorDictBase) -> torch.Tensor:
-        """KL to the reference at ``anchor_steps`` random steps *after* the window, scored as if they carried
-        the SDE's noise (they are deterministic, but the weights they run on are shared with the window)."""
+    def optimizer_step(self, rollout: TensorDictBase, paired: Paired | None, params: list, grads: GradSum, logs,
+                       slot: int) -> None:
+        """One optimizer step: the terms of the whole step (L_ldm, the anchor KL) join the minibatches' gradients,
+        which are summed over the learners, clipped and applied."""
+        shard = self.shard
+        with torch.set_grad_enabled(shard.rank == 0):  # every learner draws L_ldm's noise; rank 0 backpropagates it
+            ldm = self.ldm_loss(paired)
+        if ldm is not None:
+            if shard.rank == 0:
+                grads.backward(ldm)
+            logs.add(slot, Logs.STEP, "loss_ldm", ldm, None)
+        if self.pg.anchor_steps and rollout.shape[1] > self.policy.window_end:  # joins this step's gradient
+            steps = self.anchor_draw(rollout)  # drawn by every learner alike
+            b = rollout.shape[0]
+            for piece in shard.pieces([(slot, 0, 0)], b, b, self.cfg.micro_batch):
+                anchor = self.cfg.kl_coef * self.anchor_loss(rollout, piece.rows, steps)
+                grads.backward(weigh(anchor, piece.share))
+                logs.add(slot, Logs.STEP + 1 + piece.index, "loss_anchor", anchor, piece.share)
+        shard.sync(params, grads)
+        logs.add(slot, Logs.STEP, "grad_norm", torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm), None)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def anchor_draw(self, rollout: TensorDictBase) -> torch.Tensor:
+        """``anchor_steps`` random steps *after* the window."""
         end = self.policy.window_end
-        steps = end + torch.randperm(rollout.shape[1] - end)[: self.pg.anchor_steps]
+        return end + torch.randperm(rollout.shape[1] - end)[: self.pg.anchor_steps]
+
+    def anchor_loss(self, rollout: TensorDictBase, rows: slice = slice(None), steps: torch.Tensor | None = None):
+        """KL to the reference at the post-window ``steps`` (drawn when not given), scored as if they carried the
+        SDE's noise (they are deterministic, but the weights they run on are shared with the window); over the
+        samples ``rows``."""
+        steps = self.anchor_draw(rollout) if steps is None else steps
         total = 0.0
         for step in steps.tolist():
-            latent, sigma, sigma_next, _, layout_index = (rollout[:, step][k] for k in OBSERVATION_KEYS)
+            latent, sigma, sigma_next, _, layout_index = (rollout[rows, step][k] for k in OBSERVATION_KEYS)
             mean, std = self.policy.mean_std(latent, sigma, sigma_next, layout_index, self.policy.noise_level)
             with torch.no_grad():
                 ref_mean, _ = self.reference.mean_std(latent, sigma, sigma_next, layout_index, self.policy.noise_level)

@@ -31,7 +31,6 @@ in, which a restarted process has not seen; with the cache, KL columns can diffe
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import time
@@ -45,18 +44,15 @@ import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm.auto import tqdm
 
-import diffrl.algos.forward  # noqa: F401  (registers "awm", "nft")
-import diffrl.algos.grpo  # noqa: F401  (registers "grpo")
-import diffrl.algos.ppo  # noqa: F401  (registers "ppo")
-import diffrl.algos.sft_learner  # noqa: F401  (registers "sft")
-import diffrl.envs.layout_env  # noqa: F401  (registers "layout")
 from diffrl.algos.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, remove_stale, restore_rng,
                                     save_checkpoint)
 from diffrl.algos.forward import require_flow
 from diffrl.algos.learner import require_idm
+from diffrl.algos.replica import frozen_copy  # noqa: F401  (its home was here; code and tests import it from here)
+from diffrl.algos.replica import build_learner, learner_replica  # importing it registers every learner and the env
 from diffrl.algos.sft import Paired
-from diffrl.config import (TrainConfig, chunk_layouts, http_options, is_forward_learner, rollout_window, save_yaml,
-                           uses_paired_data, uses_ray)
+from diffrl.config import TrainConfig, chunk_layouts, http_options, save_yaml, uses_paired_data, uses_ray
+from diffrl.distributed.learners import LearnerGroup
 from diffrl.distributed.ray_workers import ScaleOut
 from diffrl.envs.datasets import JsonlLayouts, make_source
 from diffrl.errors import UserError
@@ -64,9 +60,7 @@ from diffrl.files import atomic_write_text
 from diffrl.eval.data import EvalData, eval_data
 from diffrl.eval.evaluate import evaluate
 from diffrl.eval.visualize import RunPictures
-from diffrl.policies.actor import SDEPolicyNet, make_actor
 from diffrl.policies.generator import LayoutGenerator, build_generator
-from diffrl.policies.lora import LoraReference, has_lora
 from diffrl.policies.text import ConditionStore
 from diffrl.registry import ALGOS, ENVS
 from diffrl.rewards import Reward, build_reward
@@ -76,16 +70,6 @@ from diffrl.rewards.guard import GuardedReward, is_unavailable
 
 def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{cfg.algo.name}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def frozen_copy(generator: LayoutGenerator) -> LayoutGenerator:
-    """The reference policy π_ref: the initial denoiser, frozen (text encoder, latent space, sampler and guidance
-    shared). With LoRA it is the policy's own backbone with LoRA off (`LoraReference`: no second backbone)."""
-    if has_lora(generator.denoiser):
-        denoiser = LoraReference(generator.denoiser).eval()
-    else:
-        denoiser = copy.deepcopy(generator.denoiser).requires_grad_(False).eval()
-    return LayoutGenerator(denoiser, generator.text, generator.space, generator.sampler, generator.guidance_scale)
 
 
 def paired_renders(generator: LayoutGenerator, store: ConditionStore) -> Paired:
@@ -186,15 +170,9 @@ def start(cfg: TrainConfig, folder: Path, parts: _Parts, cleanup: ExitStack, pro
         num_steps=cfg.env.num_steps, shift=cfg.env.shift, seed=cfg.seed, share_noise=cfg.env.share_noise,
         device=parts.device,
     )
-    policy = SDEPolicyNet(parts.generator, store, cfg.policy.noise_level, *rollout_window(cfg))
-    actor = make_actor(policy, env.action_spec, cfg.pg.log_prob_reduce)
-    sections = {name: getattr(cfg, name) for name in parts.algo_cls.sections}  # the learner's own config sections
-    if is_forward_learner(cfg):  # AWM / NFT: the flow-matching loss on final samples, no actor to score
-        learner = parts.algo_cls(parts.generator, frozen_copy(parts.generator), store, cfg.algo, cfg.forward,
-                                 env.sigmas, **sections)
-    else:
-        reference = SDEPolicyNet(frozen_copy(parts.generator), store, cfg.policy.noise_level, *rollout_window(cfg))
-        learner = parts.algo_cls(policy, reference, actor, cfg.algo, **sections)
+    learner, actor = build_learner(cfg, parts.generator, store, env)
+    if cfg.ray.learners > 1:  # the update on N Ray Train processes; rollouts and evaluation stay here
+        learner = cleanup.enter_context(LearnerGroup(cfg, learner, parts.generator, store, learner_replica))
     if not parts.evaluation.default:  # the Shapes default stays quiet, as it always was
         _report(f"evaluating on {parts.evaluation.name}, judged by the reward {cfg.reward.name}")
     return _Run(cfg, folder, parts, reward, guarded, store, env, actor, learner, scale, phase, progress, started_run)
@@ -359,8 +337,11 @@ class _Run:
         wall time so far, for a resumed run's total."""
         if (iteration + 1) % self.cfg.checkpoint_every == 0 or iteration + 1 == self.cfg.iterations:
             rng = capture_rng(self.env.noise_generator, self.parts.source, self.parts.device)
-            save_checkpoint(self.checkpoints, iteration + 1, self.learner.trainable_modules(), self.learner.optimizer,
-                            rng)
+            if isinstance(self.learner, LearnerGroup):  # every learner writes its part (torch.distributed.checkpoint)
+                self.learner.save_checkpoint(self.checkpoints, iteration + 1, rng)
+            else:
+                save_checkpoint(self.checkpoints, iteration + 1, self.learner.trainable_modules(),
+                                self.learner.optimizer, rng)
             atomic_write_text(self.folder / "base.json", json.dumps(
                 {**self.base, "wall_seconds_so_far": self.wall_before + time.time() - self.started_run},
                 indent=2) + "\n")

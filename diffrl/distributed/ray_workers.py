@@ -392,7 +392,8 @@ def start_ray(cfg: TrainConfig) -> bool:
     try:
         import ray
     except ImportError:
-        raise UserError("--workers / --reward-workers run on Ray, which is not installed: pip install 'diffrl[ray]'") from None
+        raise UserError("--workers / --reward-workers / --learners run on Ray, which is not installed: "
+                        "pip install 'diffrl[ray]' (--learners: 'diffrl[train]')") from None
 
     if ray.is_initialized():
         return False
@@ -408,7 +409,8 @@ def start_ray(cfg: TrainConfig) -> bool:
                     "the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
             raise UserError(f"--address {r.address}: {first_line(err)}{hint}") from None
     else:  # as many logical CPUs as the actors ask for: oversubscribing a small machine is the user's call
-        needed = r.workers * r.worker_cpus + r.reward_workers * r.reward_cpus
+        needed = (r.workers * r.worker_cpus + r.reward_workers * r.reward_cpus
+                  + (r.learners * r.learner_cpus if r.learners > 1 else 0))
         ray.init(address="local",  # a new local instance, never a `ray start` cluster found lying around
                  num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=r.dashboard,
                  dashboard_host="127.0.0.1", **quiet)
