@@ -12,9 +12,10 @@ warm-up update, which for N ≥ 2 also hands the state to the learners), from th
   default ⌈m / N⌉ rows each), the gradients summed in float64, the trainable weights back from rank 0. The group's
   start (Ray Train's worker group, each replica built) is its own column, paid once per run.
 
-Bytes per update: the gradients one learner all-reduces (``allreduce_bytes``: trainable parameters × 8 bytes, float64,
-× optimizer steps), the rollout put into the object store, and the weights rank 0 sends back. Printed as a table and,
-with ``--out``, written as JSON.
+Bytes per update: the gradients one learner reduces (``allreduce_bytes``; ddp: trainable parameters × 8 bytes, float64,
+× optimizer steps; ``--strategy fsdp``: × 4 bytes, float32, × backward passes, reduce-scattered), the rollout put into
+the object store, the weights rank 0 sends back, and the trainable weights one learner holds (``held``: all of them
+with ddp, 1/N with fsdp). Printed as a table and, with ``--out``, written as JSON.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def time_updates(cfg, rollout, store, initial, updates: int) -> dict:
             tic = time.perf_counter()
             learner.update(rollout.clone())
             times.append(time.perf_counter() - tic)
-        row.update(start_seconds=0.0, allreduce_bytes=0, rollout_bytes=0, weights_bytes=0)
+        held = sum(p.numel() * p.element_size() for p in generator.denoiser.parameters() if p.requires_grad)
+        row.update(start_seconds=0.0, allreduce_bytes=0, rollout_bytes=0, weights_bytes=0, held_bytes=held)
     else:
         from diffrl.distributed.learners import LearnerGroup
 
@@ -74,6 +76,7 @@ def time_updates(cfg, rollout, store, initial, updates: int) -> dict:
                 logs = group.update(rollout.clone())
                 times.append(time.perf_counter() - tic)
         row.update(allreduce_bytes=logs["allreduce_bytes"], weights_bytes=logs["learner_sync_bytes"],
+                   held_bytes=logs["learner_param_bytes"],
                    rollout_bytes=len(pickle.dumps(rollout.cpu())))
     seconds = sum(times[1:]) / updates
     row.update(seconds_per_update=seconds, samples_per_second=rollout.shape[0] / seconds)
@@ -90,6 +93,8 @@ def main() -> None:
     parser.add_argument("--algo", default="grpo")
     parser.add_argument("--model", default="shapes-tiny")
     parser.add_argument("--learner-cpus", type=float, default=1.0)
+    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                        help="ray.learner_strategy of the N ≥ 2 rows (fsdp: --algo ppo, grpo or awm)")
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
 
@@ -107,18 +112,20 @@ def main() -> None:
     rows = []
     try:
         for n in args.learners:
-            cfg = build_config({**base, "ray": {"learners": n, "learner_cpus": args.learner_cpus}})
+            strategy = args.strategy if n > 1 else "ddp"
+            cfg = build_config({**base, "ray": {"learners": n, "learner_cpus": args.learner_cpus,
+                                                "learner_strategy": strategy}})
             torch.manual_seed(1)
             rows.append(time_updates(cfg, rollout, store, initial, args.updates))
     finally:
         ray.shutdown()
     print(f"{args.model}, --algo {args.algo}: {rollout.shape[0]} samples × {args.steps} steps per update, "
-          f"{os.cpu_count()} CPUs, {args.learner_cpus:g} CPU(s) per learner")
-    print("learners  start s  s/update  samples/s  all-reduced MB  rollout MB  weights back MB")
+          f"{os.cpu_count()} CPUs, {args.learner_cpus:g} CPU(s) per learner, N ≥ 2: {args.strategy}")
+    print("learners  start s  s/update  samples/s  all-reduced MB  rollout MB  weights back MB  held MB")
     for r in rows:
         print(f"{r['learners']:>8}  {r['start_seconds']:>7.1f}  {r['seconds_per_update']:>8.2f}  "
               f"{r['samples_per_second']:>9.1f}  {r['allreduce_bytes'] / 1e6:>14.2f}  {r['rollout_bytes'] / 1e6:>10.2f}  "
-              f"{r['weights_bytes'] / 1e6:>15.2f}")
+              f"{r['weights_bytes'] / 1e6:>15.2f}  {r['held_bytes'] / 1e6:>7.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "cpus": os.cpu_count(), "rows": rows}, f, indent=2)

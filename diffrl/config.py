@@ -160,7 +160,7 @@ class RayConfig:
     dashboard: bool = option(False, "start Ray's dashboard (bound to 127.0.0.1) with a local cluster")
     learners: int = option(1, "--learners: processes the update runs on, data-parallel through Ray Train (1: this process, no Ray; N: each runs its share of every minibatch's pieces, gradients summed, the same update)")
     learner_cpus: float = option(1.0, "CPUs per learner process (also its torch threads, at least 1); on cuda each learner also takes a GPU")
-    learner_strategy: Literal["ddp", "fsdp"] = option("ddp", "--learners N: ddp (every learner holds the trainable weights; LoRA, adapters, models that fit a device) or fsdp (FSDP2 fully_shard of the denoiser, for full fine-tuning of large backbones: not implemented yet, one clear error)")
+    learner_strategy: Literal["ddp", "fsdp"] = option("ddp", "--learners N: ddp (every learner holds the trainable weights; LoRA, adapters, models that fit a device) or fsdp (FSDP2 fully_shard of the denoiser: each learner keeps 1/N of the trainable weights, their gradients and Adam state, for full fine-tuning; ppo, grpo, awm)")
 
 
 @dataclass
@@ -377,6 +377,7 @@ def validate(cfg: TrainConfig) -> None:
     _check_joint(cfg)
     _check_forward(cfg.forward)
     _check_ray(cfg.ray)
+    _check_fsdp(cfg)
     _check_reward(cfg)
 
 
@@ -507,6 +508,23 @@ def _check_ray(r: RayConfig) -> None:
     if r.address and not (r.workers or r.reward_workers or r.learners > 1):
         raise UserError(f"--address {r.address}: nothing would run on the cluster; add --workers N, --reward-workers N "
                         "and/or --learners N")
+
+
+FSDP_LEARNERS = ("ppo", "grpo", "awm")  # DiffusionNFT's v_old runs through functional_call, which a sharded module refuses
+
+
+def _check_fsdp(cfg: TrainConfig) -> None:
+    """What ``ray.learner_strategy=fsdp`` covers so far (see `diffrl.distributed.learners.FsdpShard`)."""
+    if cfg.ray.learner_strategy != "fsdp":
+        return
+    if cfg.ray.learners < 2:
+        raise UserError("config ray.learner_strategy=fsdp shards the denoiser over the learners; add --learners N (N ≥ 2)")
+    if cfg.algo.name not in FSDP_LEARNERS:
+        raise UserError(f"config ray.learner_strategy=fsdp: --algo {cfg.algo.name} is not supported with it yet; use "
+                        f"{', '.join(FSDP_LEARNERS)}, or ray.learner_strategy=ddp")
+    if cfg.joint.ldm_coef:
+        raise UserError("config ray.learner_strategy=fsdp with joint.ldm_coef: L_ldm is backpropagated by one learner, "
+                        "which a sharded denoiser cannot do alone; use ray.learner_strategy=ddp")
 
 
 def _check_reward(cfg: TrainConfig) -> None:

@@ -1,4 +1,4 @@
-"""Groundwork for ``ray.learner_strategy=fsdp``: does FSDP2 (``fully_shard``) on gloo give one process's gradient?
+"""Under ``ray.learner_strategy=fsdp``: does FSDP2 (``fully_shard``) on gloo give one process's gradient?
 
     python experiments/fsdp2_gloo.py [--model shapes-tiny] [--learners 2] [--json PATH]
 

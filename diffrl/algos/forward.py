@@ -190,7 +190,7 @@ class ForwardLearner:
                     self.piece_backward(samples, advantages, t_all[piece.step], noise_all[piece.step], piece, grads,
                                         logs, per_step)
                 self.shard.sync(self.params, grads)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+                grad_norm = self.shard.clip(self.params, self.cfg.max_grad_norm)
                 logs.add(group[-1][0], Logs.STEP, "grad_norm", grad_norm, None)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)

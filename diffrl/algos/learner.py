@@ -213,7 +213,7 @@ class Learner:
                 grads.backward(weigh(anchor, piece.share))
                 logs.add(slot, Logs.STEP + 1 + piece.index, "loss_anchor", anchor, piece.share)
         shard.sync(params, grads)
-        logs.add(slot, Logs.STEP, "grad_norm", torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm), None)
+        logs.add(slot, Logs.STEP, "grad_norm", shard.clip(params, self.cfg.max_grad_norm), None)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -27,6 +27,10 @@ whose gradient is not ~0, so near-zero coordinates flip sign — 1.6e-5 apart at
 computes whole (the paired ``L_ldm``, which draws its own noise) is backpropagated by rank 0 only. Parameters
 without a gradient on every rank keep none (AdamW skips them, as in one process).
 
+**FSDP2** (``ray.learner_strategy=fsdp``, `FsdpShard`): the denoiser sharded over the learners for full fine-tuning;
+the same pieces, padded to the same count on every rank, the gradients reduce-scattered per backward (summed), the
+rest as above. One process's update up to float rounding (docs/scaling.md has the measured gaps).
+
 **Logs.** Each rank records its pieces' values with their piece index and share; `combine_logs` makes the
 one-process value of every minibatch from the pieces in piece order: share-weighted means, the max of ``max_ratio``,
 ``ESS`` and ``explained_variance`` from per-piece sums — then means over minibatches as one process does.
@@ -62,7 +66,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffrl.distributed.dcp import flat_state, prune, restore_flat, save_dcp
 from diffrl.errors import UserError
@@ -125,7 +129,14 @@ class Whole:
             for lo in range(0, m, size):
                 n = min(size, m - lo)
                 every.append(Piece(slot, len(every), step, slice(start + lo, start + lo + n), n / m))
+        return self.mine(every)
+
+    def mine(self, every: list[Piece]) -> list[Piece]:
         return every[self.rank :: self.world]
+
+    def clip(self, params: list[Tensor], max_norm: float) -> Tensor:
+        """Clip the step's gradient to ``max_norm`` → its norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def sync(self, params: list[Tensor], grads: GradSum) -> None:
         """The step's summed gradients become the parameters' ``grad``."""
@@ -149,9 +160,14 @@ class Shard(Whole):
     def sync(self, params: list[Tensor], grads: GradSum) -> None:
         """Sum the ranks' gradients in float64 (exact, so in any order: one flat all-reduce, plus one of which
         parameters have any), then cast each back to its parameter's dtype."""
+        self.all_reduce(params, grads.take())
+
+    def all_reduce(self, params: list[Tensor], sums: list[Tensor | None]) -> None:
+        """``params``' gradients from every rank's ``sums``: one float64 all-reduce, cast back to their dtype."""
         import torch.distributed as dist
 
-        sums = grads.take()
+        if not params:
+            return
         device = params[0].device
         has = torch.tensor([total is not None for total in sums], dtype=torch.int32, device=device)
         dist.all_reduce(has, op=dist.ReduceOp.MAX)
@@ -173,6 +189,116 @@ class Shard(Whole):
     def logs(self) -> "ShardLogs":
         return ShardLogs()
 
+    def gather(self, generator) -> dict[str, Tensor] | None:
+        """The trainable weights, on rank 0 (every rank holds them whole)."""
+        if self.rank != 0:
+            return None
+        return {name: p.detach().cpu() for name, p in generator.denoiser.named_parameters() if p.requires_grad}
+
+
+class FsdpShard(Shard):
+    """Rank ``rank`` of ``world`` learners with the denoiser sharded by FSDP2 (``ray.learner_strategy=fsdp``).
+
+    `wrap` shards it once the state has arrived: every block of each top-level ModuleList (MM-DiT blocks, the layout
+    adapter's fusers) is a ``fully_shard`` unit, then the root; the optimizer is rebuilt over the sharded parameters
+    with its state distributed alike. FSDP reduce-scatters each backward's gradient, summed (not averaged: each piece
+    is weighed by its share; gloo has no PREMUL_SUM, hence the forced sum, set on every unit). Parameters outside the
+    denoiser (PPO's critic) stay whole and are all-reduced as with ddp. Every rank must run the same forwards and
+    backwards, so a rank short of pieces runs a copy of one with share 0 (no gradient, no log). The sums of a float32
+    reduce-scatter depend on the order, so this is one process's update up to float rounding, not bit for bit."""
+
+    def __init__(self, rank: int, world: int):
+        super().__init__(rank, world)
+        self.sharded_bytes = 0  # the full float32 gradient of the sharded parameters: reduce-scattered per backward
+        self.passes = 0
+
+    def wrap(self, learner, generator) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        denoiser = generator.denoiser
+        before = dict(denoiser.named_parameters())
+        mesh = init_device_mesh(next(iter(before.values())).device.type, (self.world,))
+        units: list[str] = []
+        for name, module in denoiser.named_modules():
+            if isinstance(module, nn.ModuleList) and not any(name.startswith(u + ".") for u in units):
+                for i, block in enumerate(module):
+                    fully_shard(block, mesh=mesh)
+                    units.append(f"{name}.{i}")
+        fully_shard(denoiser, mesh=mesh)
+        for module in denoiser.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
+        after = dict(denoiser.named_parameters())
+        swap = {id(before[name]): after[name] for name in before}
+        learner.optimizer = _resharded_optimizer(learner.optimizer, swap)
+        if hasattr(learner, "params"):  # the forward-process learners keep their list
+            learner.params = [swap.get(id(p), p) for p in learner.params]
+        self.sharded_bytes = sum(p.numel() * 4 for p in after.values() if p.requires_grad)
+
+    def mine(self, every: list[Piece]) -> list[Piece]:
+        """Round robin, padded to the same count on every rank with share-0 copies (FSDP's collectives must match)."""
+        pieces = every[self.rank :: self.world]
+        pieces += [every[0]._replace(share=0.0)] * (-(-len(every) // self.world) - len(pieces))
+        self.passes += len(pieces)
+        return pieces
+
+    def sync(self, params: list[Tensor], grads: GradSum) -> None:
+        """Sharded gradients are already summed over the ranks (reduce-scatter); the rest are all-reduced."""
+        from torch.distributed.tensor import DTensor
+
+        sums = grads.take()
+        whole = [(p, total) for p, total in zip(params, sums) if not isinstance(p, DTensor)]
+        for p, total in zip(params, sums):
+            if isinstance(p, DTensor):
+                p.grad = None if total is None else total.to(p.dtype)
+        self.all_reduce([p for p, _ in whole], [total for _, total in whole])
+        self.bytes += self.passes * self.sharded_bytes
+        self.passes = 0
+
+    def clip(self, params: list[Tensor], max_norm: float) -> Tensor:
+        """torch's clip over sharded and whole gradients together: the shards' squared norms summed over the ranks."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in params if p.grad is not None]
+        sharded = sum((g.to_local().double().pow(2).sum() for g in grads if isinstance(g, DTensor)),
+                      torch.zeros((), dtype=torch.float64))
+        dist.all_reduce(sharded)
+        whole = sum((g.double().pow(2).sum() for g in grads if not isinstance(g, DTensor)), torch.zeros((), dtype=torch.float64))
+        norm = (sharded + whole).sqrt().float()
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.item())
+        return norm
+
+    def gather(self, generator) -> dict[str, Tensor] | None:
+        """Every rank gathers the sharded weights (a collective); rank 0 gets them all."""
+        from torch.distributed.tensor import DTensor
+
+        weights = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+                   for name, p in generator.denoiser.named_parameters() if p.requires_grad}
+        return weights if self.rank == 0 else None
+
+
+def _resharded_optimizer(optimizer: torch.optim.Optimizer, swap: dict[int, Tensor]) -> torch.optim.Optimizer:
+    """The same optimizer over the swapped (sharded) parameters, its state distributed like each parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [swap.get(id(p), p) for p in g["params"]]}
+              for g in optimizer.param_groups]
+    fresh = type(optimizer)(groups)  # every group carries all its settings
+    for old_group, new_group in zip(optimizer.param_groups, fresh.param_groups):
+        for old, new in zip(old_group["params"], new_group["params"]):
+            state = optimizer.state.get(old)
+            if state and isinstance(new, DTensor):
+                state = {k: distribute_tensor(v, new.device_mesh, new.placements)
+                         if torch.is_tensor(v) and v.shape == new.shape else v for k, v in state.items()}
+            if state:
+                fresh.state[new] = state
+    return fresh
+
 
 class Logs:
     """One process's logged values, each with the piece it came from → the logs (`combine_logs`)."""
@@ -184,6 +310,8 @@ class Logs:
 
     def add(self, slot: int, index: int, key: str, value, share: float | None) -> None:
         """``value`` of ``key`` from piece ``index`` in minibatch ``slot`` (share None: the whole step's value)."""
+        if share == 0.0:  # a padding piece (`FsdpShard`): run for FSDP's collectives only
+            return
         if isinstance(value, Tensor):
             value = value.detach().float().reshape(-1).tolist()
             value = value[0] if len(value) == 1 and not key.startswith("stat_") else value
@@ -309,7 +437,7 @@ def learner_loop(config: dict) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's object collectives (the logs, DCP's planning) use the current device
     learner, generator, store = config["replica"](cfg, device, ray.get(config["initial"]))
-    learner.shard = Shard(rank, world)
+    learner.shard = (FsdpShard if cfg.ray.learner_strategy == "fsdp" else Shard)(rank, world)
     for seq in range(1 << 62):
         task = ray.get(box.take.remote(seq))
         if task["kind"] == "stop":
@@ -330,6 +458,8 @@ def _serve(task: dict, rank: int, learner, generator, store, device: torch.devic
     if task["kind"] == "state":  # the driver's learner state (a fresh start or a resumed checkpoint)
         tensors, meta = ray.get(task["state"])
         learner.iteration, _ = restore_flat(tensors, meta, learner.trainable_modules(), learner.optimizer)
+        if isinstance(shard, FsdpShard):  # sharded once the whole state is in
+            shard.wrap(learner, generator)
         return {}
     if task["kind"] == "save":
         tensors, meta = flat_state(learner.trainable_modules(), learner.optimizer, task["rng"], task["iteration"])
@@ -343,10 +473,16 @@ def _serve(task: dict, rank: int, learner, generator, store, device: torch.devic
     learner.iteration = task["iteration"]
     shard.bytes = 0
     logs = learner.update(rollout, paired)
+    weights = shard.gather(generator)
     if rank != 0:
         return {}
-    weights = {name: p.detach().cpu() for name, p in generator.denoiser.named_parameters() if p.requires_grad}
-    return {"logs": logs, "weights": weights, "rng": _get_rng(device), "allreduce_bytes": shard.bytes}
+    held = sum(_local(p).numel() * p.element_size() for p in generator.denoiser.parameters() if p.requires_grad)
+    return {"logs": logs, "weights": weights, "rng": _get_rng(device), "allreduce_bytes": shard.bytes, "held": held}
+
+
+def _local(p: Tensor) -> Tensor:
+    """The part of a parameter this process holds (its FSDP shard, or all of it)."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def _get_rng(device: torch.device) -> dict[str, Tensor]:
@@ -385,9 +521,6 @@ class LearnerGroup:
 
         from diffrl.distributed.ray_workers import start_ray, trainable_weights
 
-        if cfg.ray.learner_strategy == "fsdp":
-            raise UserError("config ray.learner_strategy=fsdp (FSDP2 fully_shard for full fine-tuning) is not implemented "
-                            "yet; use ray.learner_strategy=ddp (LoRA / adapter training fits it), see docs/scaling.md")
         self.cfg, self.learner, self.generator, self.store = cfg, learner, generator, store
         self.device = torch.device(cfg.model.device)
         self.owns_ray = start_ray(cfg)
@@ -460,7 +593,7 @@ class LearnerGroup:
             torch.cuda.set_rng_state(first["rng"]["cuda"], self.device)
         if hasattr(self.learner, "iteration"):
             self.learner.iteration += 1
-        return {**first["logs"], "allreduce_bytes": first["allreduce_bytes"],
+        return {**first["logs"], "allreduce_bytes": first["allreduce_bytes"], "learner_param_bytes": first["held"],
                 "learner_sync_bytes": sum(t.numel() * t.element_size() for t in first["weights"].values())}
 
     def save_checkpoint(self, folder: Path, iteration: int, rng: dict[str, Tensor], keep: int = 2) -> Path:
