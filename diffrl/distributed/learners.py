@@ -263,10 +263,10 @@ class FsdpShard(Shard):
         from torch.distributed.tensor import DTensor
 
         grads = [p.grad for p in params if p.grad is not None]
-        sharded = sum((g.to_local().double().pow(2).sum() for g in grads if isinstance(g, DTensor)),
-                      torch.zeros((), dtype=torch.float64))
+        zero = torch.zeros((), dtype=torch.float64, device=params[0].device)  # on the device NCCL reduces on
+        sharded = sum((g.to_local().double().pow(2).sum() for g in grads if isinstance(g, DTensor)), zero)
         dist.all_reduce(sharded)
-        whole = sum((g.double().pow(2).sum() for g in grads if not isinstance(g, DTensor)), torch.zeros((), dtype=torch.float64))
+        whole = sum((g.double().pow(2).sum() for g in grads if not isinstance(g, DTensor)), zero)
         norm = (sharded + whole).sqrt().float()
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         for g in grads:
