@@ -224,3 +224,28 @@ def test_fsdp_learners_equal_one_process_and_write_one_checkpoint(ray_local, tmp
     assert int(meta["iteration"]) == 1 and any(k.startswith("optimizer.") for k in tensors)
     for name, value in grouped.items():
         assert torch.equal(tensors[f"denoiser.{name}"], value), name
+
+
+def test_learners_feed_the_rollout_workers(tmp_path):
+    """--learners 2 with --workers 1: rank 0's weights reach the driver and from there the rollout worker (trainable
+    tensors only, `sync_bytes`), so with the same algo.micro_batch the run is the one-learner run line for line — a
+    stale worker would roll out iteration 2 on old weights and part ways there."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    args = ["train", "--model", "shapes-tiny", "--algo", "ppo", "--workers", "1", "--iterations", "3", "--quiet",
+            "env.layouts_per_iter=2", "env.group_size=2", "env.num_steps=3", "eval.layouts=5", "algo.micro_batch=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for n in (1, 2):
+        runs[n] = tmp_path / f"learners{n}"
+        result = subprocess.run([sys.executable, "-m", "diffrl.cli", *args, "--learners", str(n), "--out", str(runs[n])],
+                                env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    moved = {"allreduce_bytes", "learner_param_bytes", "learner_sync_bytes"}
+    lines = {n: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for n, run in runs.items()}
+    assert all(line["sync_bytes"] > 0 and line["allreduce_bytes"] > 0 for line in lines[2])
+    assert [{k: v for k, v in line.items() if "seconds" not in k and k not in moved} for line in lines[2]] == \
+           [{k: v for k, v in line.items() if "seconds" not in k} for line in lines[1]]
