@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--model", default="shapes-tiny")
     parser.add_argument("--learner-cpus", type=float, default=1.0)
     parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
-                        help="ray.learner_strategy of the N ≥ 2 rows (fsdp: --algo ppo, grpo or awm)")
+                        help="ray.learner_strategy of the N ≥ 2 rows (fsdp: --algo ppo, grpo, awm or nft)")
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
 

@@ -160,7 +160,7 @@ class RayConfig:
     dashboard: bool = option(False, "start Ray's dashboard (bound to 127.0.0.1) with a local cluster")
     learners: int = option(1, "--learners: processes the update runs on, data-parallel through Ray Train (1: this process, no Ray; N: each runs its share of every minibatch's pieces, gradients summed, the same update)")
     learner_cpus: float = option(1.0, "CPUs per learner process (also its torch threads, at least 1); on cuda each learner also takes a GPU")
-    learner_strategy: Literal["ddp", "fsdp"] = option("ddp", "--learners N: ddp (every learner holds the trainable weights; LoRA, adapters, models that fit a device) or fsdp (FSDP2 fully_shard of the denoiser: each learner keeps 1/N of the trainable weights, their gradients and Adam state, for full fine-tuning; ppo, grpo, awm)")
+    learner_strategy: Literal["ddp", "fsdp"] = option("ddp", "--learners N: ddp (every learner holds the trainable weights; LoRA, adapters, models that fit a device) or fsdp (FSDP2 fully_shard of the denoiser: each learner keeps 1/N of the trainable weights, their gradients and Adam state, for full fine-tuning; ppo, grpo, awm, nft)")
 
 
 @dataclass
@@ -510,7 +510,7 @@ def _check_ray(r: RayConfig) -> None:
                         "and/or --learners N")
 
 
-FSDP_LEARNERS = ("ppo", "grpo", "awm")  # DiffusionNFT's v_old runs through functional_call, which a sharded module refuses
+FSDP_LEARNERS = ("ppo", "grpo", "awm", "nft")
 
 
 def _check_fsdp(cfg: TrainConfig) -> None:

@@ -83,7 +83,7 @@ def test_a_collective_that_lost_its_peer_counts_as_a_dead_learner():
 
 @pytest.mark.parametrize("override, message", [
     ({"ray": {"learners": 1, "learner_strategy": "fsdp"}}, "add --learners N"),
-    ({"ray": {"learners": 2, "learner_strategy": "fsdp"}, "algo": {"name": "nft"}}, "--algo nft is not supported"),
+    ({"ray": {"learners": 2, "learner_strategy": "fsdp"}, "algo": {"name": "sft"}}, "--algo sft is not supported"),
     ({"ray": {"learners": 2, "learner_strategy": "fsdp"}, "algo": {"name": "ppo"}, "joint": {"ldm_coef": 1.0}},
      "L_ldm is backpropagated by one learner"),
 ])
@@ -203,27 +203,46 @@ def test_two_learners_equal_one_with_lora_on_sd3_and_uneven_minibatches(ray_loca
     check(trained, grouped, initial, logs_one, logs_two)
 
 
-def test_fsdp_learners_equal_one_process_and_write_one_checkpoint(ray_local, tmp_path, one_thread):
-    """ray.learner_strategy=fsdp, full fine-tuning (policy.train=all) of the Shapes denoiser with PPO: FSDP2 shards
-    every MM-DiT block and adapter fuser over the 2 learners, the critic stays whole (its gradient all-reduced, the
-    clip over both). The update equals one process's within 1e-5 (measured: 1.5e-8; not bit for bit: a few parameters'
-    gradients differ in their last bits, see experiments/fsdp2_gloo.py), each learner holds half the weights, and the checkpoint
-    the two write together (each its shards) reads back as the weights the group sent to the driver."""
+@pytest.mark.parametrize("algo", ["ppo", "nft"])
+def test_fsdp_learners_equal_one_process_and_write_one_checkpoint(ray_local, tmp_path, one_thread, algo):
+    """ray.learner_strategy=fsdp, full fine-tuning (policy.train=all) of the Shapes denoiser: FSDP2 shards every MM-DiT
+    block and adapter fuser over the 2 learners; PPO's critic stays whole (its gradient all-reduced, the clip over
+    both), NFT's θ_old is a sharded copy. Not bit for bit (a few parameters' gradients differ in their last bits, see
+    experiments/fsdp2_gloo.py): PPO (lr 1e-5) ends 1.5e-8 from one process, within the 1e-5 of ddp's check; NFT at
+    its lr 1e-4 ends 1.3e-5 apart on 284 of 3.1 M coordinates — Adam's first step moves every coordinate by ±lr, so
+    one whose gradient is ~0 goes either way — and the rest within 1e-7, its logs within 1e-6. Each learner holds
+    half the weights, and the checkpoint the two write together (each its shards) reads back as the weights the
+    group sent to the driver."""
     from diffrl.algos.checkpoint import read_checkpoint
 
-    cfg = build_config({"env": {"layouts_per_iter": 3, "group_size": 2, "num_steps": 3}, "algo": {"name": "ppo"},
+    cfg = build_config({"env": {"layouts_per_iter": 3, "group_size": 2, "num_steps": 3}, "algo": {"name": algo},
                         "model": {"name": "shapes-tiny"}, "policy": {"train": "all"},
                         "ray": {"learners": 2, "learner_strategy": "fsdp"}, "out": str(tmp_path)})
     saved = {}
     trained, grouped, initial, logs_one, logs_two = one_and_two(
         cfg, then=lambda group: saved.update(path=group.save_checkpoint(tmp_path / "ckpt", 1, {"torch": torch.get_rng_state()})))
-    check(trained, grouped, initial, logs_one, logs_two)
+    if algo == "ppo":
+        check(trained, grouped, initial, logs_one, logs_two)
+    else:
+        apart = torch.cat([(trained[k] - grouped[k]).abs().reshape(-1) for k in trained])
+        moved = torch.cat([(trained[k] - initial[k]).abs().reshape(-1) for k in trained])
+        assert float(moved.max()) > 1e-5 and int((apart > 1e-7).sum()) < 1e-3 * apart.numel()
+        assert float(apart.max()) <= 2 * cfg.algo.lr
+        for key, value in logs_one.items():
+            assert math.isclose(logs_two[key], value, rel_tol=1e-5, abs_tol=1e-9), (key, value, logs_two[key])
     whole = sum(t.numel() * t.element_size() for t in initial.values())
     assert 0.45 * whole < logs_two["learner_param_bytes"] < 0.55 * whole  # ddp: all of it on every learner
     tensors, meta = read_checkpoint(saved["path"])
     assert int(meta["iteration"]) == 1 and any(k.startswith("optimizer.") for k in tensors)
     for name, value in grouped.items():
         assert torch.equal(tensors[f"denoiser.{name}"], value), name
+    if algo == "nft":  # θ_old, sharded, comes back whole: after one iteration η = 0.001, so it is 0.999·θ_0 + 0.001·θ_1
+        eta = min(cfg.forward.old_uprate, cfg.forward.old_uphold)
+        old = {k[len("nft_old."):]: v for k, v in tensors.items() if k.startswith("nft_old.p")}
+        assert len(old) == len(initial)
+        for i, name in enumerate(initial):
+            want = initial[name] * eta + grouped[name] * (1 - eta)
+            assert torch.allclose(old[f"p{i}"], want, atol=1e-6), name
 
 
 def test_learners_feed_the_rollout_workers(tmp_path):

@@ -259,12 +259,17 @@ class NFT(ForwardLearner):
         super().__init__(generator, reference, store, cfg, fwd, times, **sections)
         denoiser = generator.denoiser
         self.old = OldWeights({name: p for name, p in denoiser.named_parameters() if p.requires_grad})
+        self.old_module: nn.Module | None = None  # ray.learner_strategy=fsdp: θ_old as a sharded copy (FsdpShard.wrap)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {**super().trainable_modules(), "nft_old": self.old}
 
     def old_velocity(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
         with torch.no_grad():
+            if self.old_module is not None:
+                velocity = self.old_module(x_t, t, cond)
+                self.old_module.reshard()  # FSDP keeps a root's gathered weights after a forward; θ_old moves in place
+                return velocity
             return functional_call(self.generator.denoiser, self.old.as_dict(), (x_t, t, cond), strict=False)
 
     def policy_loss(self, velocity, x_t, x0, t, target, advantages, index, cond):

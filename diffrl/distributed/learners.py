@@ -219,17 +219,23 @@ class FsdpShard(Shard):
         denoiser = generator.denoiser
         before = dict(denoiser.named_parameters())
         mesh = init_device_mesh(next(iter(before.values())).device.type, (self.world,))
-        units: list[str] = []
-        for name, module in denoiser.named_modules():
-            if isinstance(module, nn.ModuleList) and not any(name.startswith(u + ".") for u in units):
-                for i, block in enumerate(module):
-                    fully_shard(block, mesh=mesh)
-                    units.append(f"{name}.{i}")
-        fully_shard(denoiser, mesh=mesh)
+        old = _old_module(learner, denoiser)
+        for module in (denoiser, old) if old is not None else (denoiser,):
+            units: list[str] = []
+            for name, part in module.named_modules():
+                if isinstance(part, nn.ModuleList) and not any(name.startswith(u + ".") for u in units):
+                    for i, block in enumerate(part):
+                        fully_shard(block, mesh=mesh)
+                        units.append(f"{name}.{i}")
+            fully_shard(module, mesh=mesh)
         for module in denoiser.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
+        if old is not None:  # NFT's θ_old: its checkpointed buffers become views of the sharded copy's shards
+            for i, name in enumerate(learner.old.names):
+                learner.old.register_buffer(f"p{i}", old.get_parameter(name).detach())
+            learner.old_module = old
         after = dict(denoiser.named_parameters())
         swap = {id(before[name]): after[name] for name in before}
         learner.optimizer = _resharded_optimizer(learner.optimizer, swap)
@@ -280,6 +286,20 @@ class FsdpShard(Shard):
         weights = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
                    for name, p in generator.denoiser.named_parameters() if p.requires_grad}
         return weights if self.rank == 0 else None
+
+
+def _old_module(learner, denoiser: nn.Module) -> nn.Module | None:
+    """DiffusionNFT's v_old under FSDP: a frozen copy of the denoiser holding θ_old (sharded like it by the caller),
+    since ``functional_call`` on a sharded module would run its own weights; None for other learners."""
+    import copy
+
+    if getattr(learner, "old", None) is None:
+        return None
+    old = copy.deepcopy(denoiser).requires_grad_(False)
+    with torch.no_grad():
+        for name, value in learner.old.as_dict().items():
+            old.get_parameter(name).copy_(value)
+    return old
 
 
 def _resharded_optimizer(optimizer: torch.optim.Optimizer, swap: dict[int, Tensor]) -> torch.optim.Optimizer:
