@@ -54,22 +54,12 @@ def loss(denoiser, x, t, cond, rows, total: int):
 
 
 def shard(denoiser, world: int) -> None:
-    """Every block of each top-level ModuleList a unit, then the root; gradients summed, not averaged."""
+    """Sharded as ``ray.learner_strategy=fsdp`` shards it (`diffrl.distributed.learners.shard_blocks`)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
-    units: list[str] = []
-    for name, module in denoiser.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and not any(name.startswith(u + ".") for u in units):
-            for i, block in enumerate(module):
-                fully_shard(block, mesh=mesh)
-                units.append(f"{name}.{i}")
-    fully_shard(denoiser, mesh=mesh)
-    for module in denoiser.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+    from diffrl.distributed.learners import shard_blocks
+
+    shard_blocks(denoiser, init_device_mesh("cpu", (world,)), sum_gradients=True)
 
 
 def child(rank: int, world: int, model: str, port: int, out: str) -> None:

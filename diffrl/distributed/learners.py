@@ -214,25 +214,14 @@ class FsdpShard(Shard):
 
     def wrap(self, learner, generator) -> None:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FSDPModule, fully_shard
 
         denoiser = generator.denoiser
         before = dict(denoiser.named_parameters())
         mesh = init_device_mesh(next(iter(before.values())).device.type, (self.world,))
         old = _old_module(learner, denoiser)
-        for module in (denoiser, old) if old is not None else (denoiser,):
-            units: list[str] = []
-            for name, part in module.named_modules():
-                if isinstance(part, nn.ModuleList) and not any(name.startswith(u + ".") for u in units):
-                    for i, block in enumerate(part):
-                        fully_shard(block, mesh=mesh)
-                        units.append(f"{name}.{i}")
-            fully_shard(module, mesh=mesh)
-        for module in denoiser.modules():
-            if isinstance(module, FSDPModule):
-                module.set_gradient_divide_factor(1.0)
-                module.set_force_sum_reduction_for_comms(True)
+        shard_blocks(denoiser, mesh, sum_gradients=True)
         if old is not None:  # NFT's θ_old: its checkpointed buffers become views of the sharded copy's shards
+            shard_blocks(old, mesh, sum_gradients=False)  # never backpropagated
             for i, name in enumerate(learner.old.names):
                 learner.old.register_buffer(f"p{i}", old.get_parameter(name).detach())
             learner.old_module = old
@@ -286,6 +275,27 @@ class FsdpShard(Shard):
         weights = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
                    for name, p in generator.denoiser.named_parameters() if p.requires_grad}
         return weights if self.rank == 0 else None
+
+
+def shard_blocks(module: nn.Module, mesh, *, sum_gradients: bool) -> None:
+    """FSDP2 ``fully_shard`` units: every block of each top-level ModuleList (MM-DiT blocks, the layout adapter's
+    fusers), then the root. ``sum_gradients``: each backward's reduce-scatter sums over the ranks instead of averaging
+    (a piece is weighed by its share); gloo has no PREMUL_SUM, hence the forced sum, and it is set on every unit (on
+    the root alone the blocks' gradients came back halved)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    units: list[str] = []
+    for name, part in module.named_modules():
+        if isinstance(part, nn.ModuleList) and not any(name.startswith(u + ".") for u in units):
+            for i, block in enumerate(part):
+                fully_shard(block, mesh=mesh)
+                units.append(f"{name}.{i}")
+    fully_shard(module, mesh=mesh)
+    if sum_gradients:
+        for unit in module.modules():
+            if isinstance(unit, FSDPModule):
+                unit.set_gradient_divide_factor(1.0)
+                unit.set_force_sum_reduction_for_comms(True)
 
 
 def _old_module(learner, denoiser: nn.Module) -> nn.Module | None:
