@@ -8,7 +8,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from diffrl.algos.advantages import critic_advantages, group_advantages, normalize
 from diffrl.algos.ppo import PPO
-from diffrl.algos.trainer import frozen_copy
+from diffrl.algos.replica import frozen_copy
 from diffrl.config import AlgoConfig, PGConfig, PPOConfig
 from diffrl.policies.actor import SDEPolicyNet
 from tests.test_env_and_actor import make

@@ -121,7 +121,7 @@ def test_reference_copy_keeps_its_own_grounding(tiny_generator):
     """The frozen reference (a deepcopy) must run *its own* adapter: same output at first, independent after."""
     import copy
 
-    from diffrl.algos.trainer import frozen_copy
+    from diffrl.algos.replica import frozen_copy
 
     generator = copy.deepcopy(tiny_generator)
     for fuser in generator.denoiser.adapter.fusers:  # open the gates so grounding matters

@@ -11,7 +11,8 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from diffrl.algos.grpo import GRPO
 from diffrl.algos.sft_learner import SFT
-from diffrl.algos.trainer import frozen_copy, paired_renders
+from diffrl.algos.replica import frozen_copy
+from diffrl.algos.trainer import paired_renders
 from diffrl.cli import main
 from diffrl.config import AlgoConfig, JointConfig
 from diffrl.errors import UserError

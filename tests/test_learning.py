@@ -5,7 +5,7 @@ import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from diffrl.algos.grpo import GRPO
-from diffrl.algos.trainer import frozen_copy
+from diffrl.algos.replica import frozen_copy
 from diffrl.config import AlgoConfig
 from diffrl.envs.datasets import ShapesLayouts
 from diffrl.envs.layout_env import LayoutEnv

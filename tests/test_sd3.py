@@ -114,7 +114,7 @@ def test_guidance_is_one_batched_forward_of_both_halves(sd3_folder, one_thread):
 
 
 def test_lora_reference_is_the_base_model_without_a_second_backbone(sd3_folder, one_thread):
-    from diffrl.algos.trainer import frozen_copy
+    from diffrl.algos.replica import frozen_copy
     from diffrl.distributed.ray_workers import trainable_weights
     from diffrl.policies.generator import load_generator
     from diffrl.policies.lora import add_lora, has_lora

@@ -48,7 +48,6 @@ from diffrl.algos.checkpoint import (capture_rng, latest_checkpoint, load_checkp
                                     save_checkpoint)
 from diffrl.algos.forward import require_flow
 from diffrl.algos.learner import require_idm
-from diffrl.algos.replica import frozen_copy  # noqa: F401  (its home was here; code and tests import it from here)
 from diffrl.algos.replica import build_learner, learner_replica  # importing it registers every learner and the env
 from diffrl.algos.sft import Paired
 from diffrl.config import TrainConfig, chunk_layouts, http_options, save_yaml, uses_paired_data, uses_ray
